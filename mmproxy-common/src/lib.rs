@@ -1,0 +1,161 @@
+//! Types shared by mmproxy's daemon and its BPF programs.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side reads it out of BPF
+//! maps with the exact layout the daemon wrote, so field order and padding are part
+//! of the contract and are pinned by the layout tests at the bottom.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Names of the maps in the BPF object, as the daemon looks them up.
+pub mod map_names {
+    pub const ALLOWED_V4: &str = "ALLOWED_V4";
+    pub const ALLOWED_V6: &str = "ALLOWED_V6";
+    pub const LISTEN_RULES: &str = "LISTEN_RULES";
+    pub const CONFIG: &str = "CONFIG";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const LISTENERS: &str = "LISTENERS";
+}
+
+/// Names of the programs in the BPF object.
+pub mod program_names {
+    pub const SK_LOOKUP: &str = "mmproxy_sk_lookup";
+}
+
+/// Capacity of each allowed-subnet trie. A BGP full table of a large proxy fleet is
+/// far below this; an allowed-subnets file longer than it is refused at start-up.
+pub const MAX_ALLOWED_SUBNETS: u32 = 16_384;
+
+/// How many listen rules (`-l` entries × protocol) the kernel side can match.
+pub const MAX_LISTEN_RULES: u32 = 64;
+
+/// Slots in the listener SOCKMAP: one per listen rule and family.
+pub const MAX_LISTENERS: u32 = MAX_LISTEN_RULES;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `ListenRule::flags`: the rule's address is a wildcard (0.0.0.0 / ::).
+pub const RULE_ANY_ADDR: u8 = 1;
+/// `ListenRule::flags`: steer matching lookups to `LISTENERS[sock_index]`.
+pub const RULE_STEER: u8 = 2;
+
+/// One (protocol, address, port range) that mmproxy serves. The sk_lookup program
+/// applies the allowed-subnet policy only to lookups that match a rule, so the rest
+/// of the namespace's traffic is never touched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ListenRule {
+    /// Local address in network byte order; IPv4 uses the first four bytes.
+    pub addr: [u8; 16],
+    /// Slot in `LISTENERS` holding the socket that serves this rule.
+    pub sock_index: u32,
+    /// Inclusive port range, host byte order (as `bpf_sk_lookup.local_port`).
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub protocol: u8,
+    /// `RULE_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Global settings, slot 0 of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// Number of valid entries in `LISTEN_RULES`.
+    pub rule_count: u32,
+    /// Non-zero when an allowed-subnets list is in force; zero allows every source,
+    /// as go-mmproxy does without `--allowed-subnets`.
+    pub filter_enabled: u32,
+}
+
+/// Indices into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// sk_lookup refused an IPv4 source outside the allowed subnets.
+    RefusedV4 = 0,
+    /// sk_lookup refused an IPv6 source outside the allowed subnets.
+    RefusedV6 = 1,
+    /// sk_lookup matched a listen rule and let the lookup through (or steered it).
+    AllowedV4 = 2,
+    AllowedV6 = 3,
+    /// sk_lookup assigned the lookup to a listener from `LISTENERS`.
+    Steered = 4,
+    /// Steering failed (empty slot, family mismatch): the lookup fell through.
+    SteerFailed = 5,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 6] = [
+        Counter::RefusedV4,
+        Counter::RefusedV6,
+        Counter::AllowedV4,
+        Counter::AllowedV6,
+        Counter::Steered,
+        Counter::SteerFailed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::RefusedV4 => "kernel_refused_v4",
+            Counter::RefusedV6 => "kernel_refused_v6",
+            Counter::AllowedV4 => "kernel_allowed_v4",
+            Counter::AllowedV6 => "kernel_allowed_v6",
+            Counter::Steered => "kernel_steered",
+            Counter::SteerFailed => "kernel_steer_failed",
+        }
+    }
+}
+
+/// Number of slots in `COUNTERS`.
+pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are `#[repr(C)]`, `Pod` (no padding holes, every bit pattern valid).
+    unsafe impl aya::Pod for super::ListenRule {}
+    unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn listen_rule_layout() {
+        assert_eq!(size_of::<ListenRule>(), 28);
+        assert_eq!(align_of::<ListenRule>(), 4);
+        assert_eq!(offset_of!(ListenRule, addr), 0);
+        assert_eq!(offset_of!(ListenRule, sock_index), 16);
+        assert_eq!(offset_of!(ListenRule, port_lo), 20);
+        assert_eq!(offset_of!(ListenRule, port_hi), 22);
+        assert_eq!(offset_of!(ListenRule, family), 24);
+        assert_eq!(offset_of!(ListenRule, protocol), 25);
+        assert_eq!(offset_of!(ListenRule, flags), 26);
+    }
+
+    #[test]
+    fn config_layout() {
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(offset_of!(Config, rule_count), 0);
+        assert_eq!(offset_of!(Config, filter_enabled), 4);
+    }
+
+    #[test]
+    fn counters_are_dense_and_named_uniquely() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for other in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), other.name());
+            }
+        }
+    }
+}
