@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask`: the project's own build, set-up and test driver.
+//!
+//! Everything a fresh machine needs is installed here, idempotently, so the README's
+//! two commands are all a newcomer or CI types.
+mod compile;
+mod fuzz;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, set up and test mmproxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and the tests need (idempotent)
+    Setup,
+    /// Build the BPF object, then the daemon at target/release/mmproxy
+    Build,
+    /// fmt, clippy, unit tests, privileged end-to-end tests (in network namespaces)
+    Test {
+        /// Skip the short fuzzing run
+        #[arg(long)]
+        no_fuzz: bool,
+        /// Only run tests whose name contains this
+        filter: Option<String>,
+    },
+    /// Run the PROXY decoder fuzzer
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::all(setup::Needs::Test),
+        Command::Build => {
+            setup::all(setup::Needs::Build)?;
+            compile::daemon()
+        }
+        Command::Test { no_fuzz, filter } => test::run_all(no_fuzz, filter.as_deref()),
+        Command::Fuzz { seconds } => fuzz::run(seconds),
+    }
+}

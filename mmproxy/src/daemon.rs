@@ -1,0 +1,256 @@
+//! Start-up, the signal loop and shutdown: the order in which the parts come up and
+//! go down.
+//!
+//! Start-up fails (non-zero exit) on anything that would leave the daemon weaker than
+//! asked: an unreadable allow-list, a listen address in use, `--ebpf on` without
+//! BPF, routing that cannot be installed. Once ready, nothing a peer does ends it.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::allowed_subnets::{AllowList, SharedAllowList};
+use crate::cli::{Args, EbpfMode, Protocol};
+use crate::ebpf::{self, KernelOptions, KernelSide};
+use crate::listener;
+use crate::routing::{self, InstalledRoutes, RoutingPlan};
+use crate::stats::Stats;
+use crate::tcp::TcpContext;
+use crate::upstream::UpstreamOptions;
+
+pub async fn run(args: Args) -> Result<()> {
+    if args.protocol == Protocol::Udp {
+        bail!("-p udp is not implemented yet in this build");
+    }
+    let stats = Arc::new(Stats::default());
+
+    let (allowed, warnings) = SharedAllowList::from_file(args.allowed_subnets.as_deref())?;
+    for w in warnings {
+        warn!("{w}");
+    }
+    let allowed = Arc::new(allowed);
+
+    // Listening sockets first: a port in use is the commonest start-up error and
+    // should be reported before anything is installed in the kernel.
+    let mut sockets = Vec::new();
+    for spec in &args.listen {
+        let addr = SocketAddr::new(spec.addr, *spec.ports.start());
+        let group = listener::bind_tcp(addr, args.listeners)
+            .with_context(|| format!("listening on {addr}"))?;
+        sockets.push(group);
+    }
+
+    let kernel = start_kernel_side(&args, &allowed, &sockets)?;
+
+    let routes = if args.no_routing {
+        None
+    } else {
+        let plan = RoutingPlan {
+            table: args.route_table,
+            v4_loopback: args.target4.addr.is_loopback(),
+            v6_loopback: args.target6.addr.is_loopback(),
+            fwmark: None,
+        };
+        let installed = routing::install(&plan)
+            .await
+            .context("installing return-path routing (use --no-routing to manage it yourself)")?;
+        info!("return-path routing: {}", installed.describe());
+        Some(installed)
+    };
+
+    let ctx = Arc::new(TcpContext {
+        target4: args.target4,
+        target6: args.target6,
+        upstream: UpstreamOptions {
+            mark: args.mark,
+            connect_timeout: args.connect_timeout,
+        },
+        header_timeout: args.header_timeout,
+        max_header_len: args.max_header_len,
+        verbose: args.verbose,
+        stats: stats.clone(),
+    });
+    let limits = Arc::new(Semaphore::new(args.max_connections));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut listening = Vec::new();
+    for group in sockets {
+        for socket in group {
+            let socket = tokio::net::TcpListener::from_std(socket).context("registering listener")?;
+            listening.push(socket.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            let allowed = allowed.clone();
+            tracker.spawn(listener::serve_tcp(
+                socket,
+                ctx.clone(),
+                move |ip| allowed.allows(ip),
+                limits.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+    }
+    info!(
+        listen = %listening.join(","),
+        ebpf = kernel.is_some(),
+        "mmproxy ready"
+    );
+
+    let stats_task = spawn_stats_line(args.stats_interval, stats.clone(), kernel.clone());
+    signal_loop(&args, &allowed, kernel.as_ref(), &stats).await?;
+
+    info!("stopping: no new connections; live ones get {:?}", args.shutdown_grace);
+    shutdown.cancel();
+    tracker.close();
+    if let Some(routes) = routes {
+        if let Err(e) = routes.remove().await {
+            error!("removing return-path routing: {e}");
+        }
+    }
+    drop(kernel);
+    if tokio::time::timeout(args.shutdown_grace, tracker.wait()).await.is_err() {
+        warn!(
+            "{} connections still open after the grace period; closing them",
+            stats.tcp_active.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    stats_task.abort();
+    info!("stopped; {}", stats.render());
+    Ok(())
+}
+
+type Kernel = Arc<std::sync::Mutex<KernelSide>>;
+
+fn start_kernel_side(
+    args: &Args,
+    allowed: &SharedAllowList,
+    sockets: &[Vec<std::net::TcpListener>],
+) -> Result<Option<Kernel>> {
+    let needs_kernel = args.listen.iter().any(|l| l.is_range());
+    if args.ebpf == EbpfMode::Off {
+        if needs_kernel {
+            bail!("port ranges in -l need the kernel side, but --ebpf off was given");
+        }
+        return Ok(None);
+    }
+    let rules = ebpf::listen_rules(&args.listen, args.protocol)?;
+    let current = allowed.current();
+    let (v4, v6) = split_nets(current.as_deref());
+    let opts = KernelOptions {
+        rules: &rules,
+        allowed: current.as_ref().map(|_| (&v4[..], &v6[..])),
+        verbose: args.verbose,
+    };
+    match KernelSide::load(&opts) {
+        Ok(mut kernel) => {
+            for (i, group) in sockets.iter().enumerate() {
+                if let (true, Some(first)) = (args.listen[i].is_range(), group.first()) {
+                    kernel.register_listener(i as u32, first)?;
+                }
+            }
+            info!("kernel side attached: sk_lookup enforces allowed subnets before accept()");
+            Ok(Some(Arc::new(std::sync::Mutex::new(kernel))))
+        }
+        Err(e) if args.ebpf == EbpfMode::Auto && !needs_kernel => {
+            warn!(
+                "kernel side unavailable ({}; {}); allowed subnets are enforced in userspace only",
+                e.full(),
+                e.hint()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!("{}; {}", e.full(), e.hint())).context("loading the kernel side"),
+    }
+}
+
+fn split_nets(list: Option<&AllowList>) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv6Net>) {
+    match list {
+        Some(l) => (l.v4().collect(), l.v6().collect()),
+        None => (Vec::new(), Vec::new()),
+    }
+}
+
+/// Waits for SIGTERM/SIGINT; reloads the allow-list on SIGHUP; logs the counters
+/// at once on SIGUSR1.
+async fn signal_loop(
+    args: &Args,
+    allowed: &SharedAllowList,
+    kernel: Option<&Kernel>,
+    stats: &Stats,
+) -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => reload(args, allowed, kernel),
+            _ = usr1.recv() => info!("stats {}", stats_line(stats, kernel)),
+        }
+    }
+}
+
+fn reload(args: &Args, allowed: &SharedAllowList, kernel: Option<&Kernel>) {
+    let Some(path) = args.allowed_subnets.as_deref() else {
+        info!("SIGHUP: no --allowed-subnets file to reload");
+        return;
+    };
+    match allowed.reload(path) {
+        Ok((n, warnings)) => {
+            for w in warnings {
+                warn!("{w}");
+            }
+            if let Some(kernel) = kernel {
+                let current = allowed.current();
+                let (v4, v6) = split_nets(current.as_deref());
+                let result = match kernel.lock() {
+                    Ok(mut k) => k.set_allowed(Some((&v4, &v6))),
+                    Err(_) => return error!("SIGHUP: kernel side state poisoned"),
+                };
+                if let Err(e) = result {
+                    error!("SIGHUP: updating the kernel's allowed subnets failed: {}", e.full());
+                }
+            }
+            info!("SIGHUP: reloaded {} ({n} subnets)", path.display());
+        }
+        Err(e) => error!("SIGHUP: keeping the previous allowed subnets: {e}"),
+    }
+}
+
+fn spawn_stats_line(
+    every: Duration,
+    stats: Arc<Stats>,
+    kernel: Option<Kernel>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if every.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            info!("stats {}", stats_line(&stats, kernel.as_ref()));
+        }
+    })
+}
+
+/// Userspace and kernel counters, `name=value`, zeros left out.
+fn stats_line(stats: &Stats, kernel: Option<&Kernel>) -> String {
+    let mut line = stats.render();
+    if let Some(Ok(k)) = kernel.map(|k| k.lock()) {
+        for (name, v) in k.counters() {
+            if v != 0 {
+                line.push_str(&format!(" {name}={v}"));
+            }
+        }
+    }
+    line
+}

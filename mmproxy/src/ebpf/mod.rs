@@ -1,0 +1,298 @@
+//! The kernel side, seen from the daemon: loads the embedded BPF object, attaches the
+//! sk_lookup program to the daemon's network namespace and keeps its maps in step
+//! with the configuration.
+//!
+//! Everything is held by [`KernelSide`]: programs are attached through links owned by
+//! this process, so dropping it — or the process dying, even by SIGKILL — detaches
+//! them. Nothing is pinned to bpffs.
+mod rules;
+mod subnets;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use aya::maps::{Array, MapData, MapError, PerCpuArray, SockMap};
+use aya::programs::{ProgramError, SkLookup};
+use aya::{Ebpf, EbpfError as AyaError, EbpfLoader};
+use ipnet::{Ipv4Net, Ipv6Net};
+use mmproxy_common::{map_names, program_names, Config, Counter, ListenRule};
+use tokio::io::unix::AsyncFd;
+
+pub use rules::listen_rules;
+use subnets::{v4_keys, v6_keys, SubnetTrie};
+
+/// The BPF object built by `cargo xtask build`, or empty when the daemon was built
+/// without it.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmproxy.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("this mmproxy was built without its BPF object (build it with `cargo xtask build`)")]
+    NoObject,
+    #[error("loading the BPF object: {0}")]
+    Load(#[source] Box<AyaError>),
+    #[error("the BPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("loading or attaching program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("opening this process's network namespace: {0}")]
+    Netns(#[source] std::io::Error),
+    #[error("{given} listen rules, the kernel side holds at most {max}")]
+    TooManyRules { given: usize, max: usize },
+    #[error("{given} allowed subnets, the kernel side holds at most {max}")]
+    TooManySubnets { given: usize, max: usize },
+}
+
+impl EbpfError {
+    /// A short hint for the one warning printed when falling back to userspace.
+    pub fn hint(&self) -> &'static str {
+        if matches!(self, EbpfError::NoObject) {
+            return "rebuild with `cargo xtask build`";
+        }
+        let denied = os_errors(self).any(|e| {
+            e.kind() == std::io::ErrorKind::PermissionDenied
+                || e.raw_os_error() == Some(libc::EPERM)
+        });
+        if denied {
+            "needs CAP_BPF and CAP_NET_ADMIN (or root)"
+        } else {
+            "needs Linux >= 5.9 with BPF sk_lookup support"
+        }
+    }
+
+    /// The error with all its causes, for a log line (aya's syscall errors keep the
+    /// OS error in the cause, not in their own text).
+    pub fn full(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            source = e.source();
+        }
+        text
+    }
+}
+
+fn os_errors(e: &EbpfError) -> impl Iterator<Item = &std::io::Error> {
+    std::iter::successors(std::error::Error::source(e), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+}
+
+/// What the daemon asks of the kernel side.
+pub struct KernelOptions<'a> {
+    pub rules: &'a [ListenRule],
+    /// `None`: no allow-list, everyone allowed (go-mmproxy's behaviour).
+    pub allowed: Option<(&'a [Ipv4Net], &'a [Ipv6Net])>,
+    /// Kernel events are only formatted and sent up at this verbosity.
+    pub verbose: u8,
+}
+
+/// The loaded, attached kernel side. Dropping it detaches everything.
+pub struct KernelSide {
+    // Field order matters for drop: the maps and logger before the object.
+    allowed_v4: SubnetTrie<[u8; 4]>,
+    allowed_v6: SubnetTrie<[u8; 16]>,
+    config: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, u64>,
+    listeners: SockMap<MapData>,
+    logger: Option<tokio::task::JoinHandle<()>>,
+    _ebpf: Ebpf,
+}
+
+impl KernelSide {
+    pub fn load(opts: &KernelOptions<'_>) -> Result<Self, EbpfError> {
+        if OBJECT.is_empty() {
+            return Err(EbpfError::NoObject);
+        }
+        // aya-log levels: 1 error … 4 debug. Per-lookup events only at -v 2, so the
+        // program does not even write them to the ring buffer otherwise.
+        let log_level: u8 = if opts.verbose >= 2 { 4 } else { 2 };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .load(OBJECT)
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(spawn_log_forwarder(logger)),
+            Err(e) => {
+                tracing::debug!("kernel-side log forwarding unavailable: {e}");
+                None
+            }
+        };
+
+        let mut rules_map: Array<MapData, ListenRule> = take(&mut ebpf, map_names::LISTEN_RULES)?;
+        let mut config: Array<MapData, Config> = take(&mut ebpf, map_names::CONFIG)?;
+        let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, map_names::COUNTERS)?;
+        let listeners: SockMap<MapData> = take(&mut ebpf, map_names::LISTENERS)?;
+        let mut allowed_v4 = SubnetTrie::new(take(&mut ebpf, map_names::ALLOWED_V4)?, map_names::ALLOWED_V4);
+        let mut allowed_v6 = SubnetTrie::new(take(&mut ebpf, map_names::ALLOWED_V6)?, map_names::ALLOWED_V6);
+
+        // Maps are filled before the program is attached, so the very first lookup it
+        // sees already runs with the full policy.
+        for (i, rule) in opts.rules.iter().enumerate() {
+            rules_map
+                .set(i as u32, rule, 0)
+                .map_err(|source| map_err(map_names::LISTEN_RULES, source))?;
+        }
+        if let Some((v4, v6)) = opts.allowed {
+            check_subnet_capacity(v4.len() + v6.len())?;
+            allowed_v4.replace(v4_keys(v4))?;
+            allowed_v6.replace(v6_keys(v6))?;
+        }
+        let cfg = Config {
+            rule_count: opts.rules.len() as u32,
+            filter_enabled: u32::from(opts.allowed.is_some()),
+        };
+        config
+            .set(0, cfg, 0)
+            .map_err(|source| map_err(map_names::CONFIG, source))?;
+
+        let program: &mut SkLookup = ebpf
+            .program_mut(program_names::SK_LOOKUP)
+            .ok_or(EbpfError::Missing {
+                kind: "program",
+                name: program_names::SK_LOOKUP,
+            })?
+            .try_into()
+            .map_err(|source| prog_err(program_names::SK_LOOKUP, source))?;
+        program
+            .load()
+            .map_err(|source| prog_err(program_names::SK_LOOKUP, source))?;
+        let netns = File::open("/proc/self/ns/net").map_err(EbpfError::Netns)?;
+        program
+            .attach(netns)
+            .map_err(|source| prog_err(program_names::SK_LOOKUP, source))?;
+
+        Ok(Self {
+            allowed_v4,
+            allowed_v6,
+            config,
+            counters,
+            listeners,
+            logger,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Swaps the allow-list (SIGHUP). `None` allows everyone.
+    pub fn set_allowed(&mut self, allowed: Option<(&[Ipv4Net], &[Ipv6Net])>) -> Result<(), EbpfError> {
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(|source| map_err(map_names::CONFIG, source))?;
+        match allowed {
+            Some((v4, v6)) => {
+                check_subnet_capacity(v4.len() + v6.len())?;
+                self.allowed_v4.replace(v4_keys(v4))?;
+                self.allowed_v6.replace(v6_keys(v6))?;
+                // Enabled only once the tries hold the new list.
+                cfg.filter_enabled = 1;
+                self.config
+                    .set(0, cfg, 0)
+                    .map_err(|source| map_err(map_names::CONFIG, source))?;
+            }
+            None => {
+                // Disabled before the tries are emptied, so no allowed source is ever refused.
+                cfg.filter_enabled = 0;
+                self.config
+                    .set(0, cfg, 0)
+                    .map_err(|source| map_err(map_names::CONFIG, source))?;
+                self.allowed_v4.replace(Default::default())?;
+                self.allowed_v6.replace(Default::default())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a listening socket where rules with `sock_index == index` steer to.
+    pub fn register_listener<S: AsRawFd>(&mut self, index: u32, socket: &S) -> Result<(), EbpfError> {
+        self.listeners
+            .set(index, socket, 0)
+            .map_err(|source| map_err(map_names::LISTENERS, source))
+    }
+
+    /// Kernel counters summed over CPUs, with their names.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let total = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (c.name(), total)
+            })
+            .collect()
+    }
+}
+
+impl Drop for KernelSide {
+    fn drop(&mut self) {
+        if let Some(task) = self.logger.take() {
+            task.abort();
+        }
+    }
+}
+
+fn check_subnet_capacity(given: usize) -> Result<(), EbpfError> {
+    let max = mmproxy_common::MAX_ALLOWED_SUBNETS as usize;
+    if given > max {
+        return Err(EbpfError::TooManySubnets { given, max });
+    }
+    Ok(())
+}
+
+fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name })?;
+    M::try_from(map).map_err(|source| map_err(name, source))
+}
+
+fn map_err(map: &'static str, source: MapError) -> EbpfError {
+    EbpfError::Map { map, source }
+}
+
+fn prog_err(program: &'static str, source: ProgramError) -> EbpfError {
+    EbpfError::Program { program, source }
+}
+
+/// Forwards aya-log records from the kernel's ring buffer into the daemon's log as
+/// they arrive.
+fn spawn_log_forwarder(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // SAFETY: the logger owns the ring buffer's descriptor for as long as the
+        // AsyncFd holds it, and nothing else closes or replaces that descriptor.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::debug!("kernel-side log forwarding unavailable: {e}");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    })
+}

@@ -1,0 +1,162 @@
+//! The mmproxy daemon under test, started inside a namespace, its log collected.
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+
+/// The line the daemon logs once every listener is up.
+pub const READY: &str = "mmproxy ready";
+
+/// How long start-up may take before a test gives up (generous: CI is 2 cores).
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn binary() -> PathBuf {
+    std::env::var_os("MMPROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/mmproxy")))
+}
+
+struct Log {
+    lines: Vec<String>,
+    /// stdout and stderr readers still running.
+    open: usize,
+}
+
+pub struct Daemon {
+    child: std::process::Child,
+    log: Arc<(Mutex<Log>, Condvar)>,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts mmproxy in `ns` with `args` and waits for its ready line.
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let d = Self::spawn(ns, args)?;
+        d.wait_for(READY, START_TIMEOUT)
+            .with_context(|| format!("mmproxy did not become ready; log:\n{}", d.log_text()))?;
+        Ok(d)
+    }
+
+    /// Starts mmproxy without waiting (for start-up failure tests).
+    pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let bin = binary();
+        let mut child = ns
+            .command(&bin.to_string_lossy())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let log = Arc::new((
+            Mutex::new(Log {
+                lines: Vec::new(),
+                open: 2,
+            }),
+            Condvar::new(),
+        ));
+        match (child.stdout.take(), child.stderr.take()) {
+            (Some(out), Some(err)) => {
+                collect(out, log.clone());
+                collect(err, log.clone());
+            }
+            _ => bail!("mmproxy's output pipes are missing"),
+        }
+        Ok(Self { child, log, exited: None })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let (lock, cv) = &*self.log;
+        let deadline = Instant::now() + timeout;
+        let mut log = lock.lock().map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
+        let mut seen = 0;
+        loop {
+            if let Some(l) = log.lines[seen..].iter().find(|l| l.contains(needle)) {
+                return Ok(l.clone());
+            }
+            seen = log.lines.len();
+            if log.open == 0 {
+                bail!("mmproxy's output ended before {needle:?}");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("no log line with {needle:?} within {timeout:?}");
+            }
+            log = cv
+                .wait_timeout(log, deadline - now)
+                .map_err(|_| anyhow::anyhow!("log lock poisoned"))?
+                .0;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.0.lock().map(|l| l.lines.join("\n")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the process to exit (after a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = Some(status);
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("mmproxy still running {timeout:?} after being told to stop");
+            }
+            // No exit notification without a SIGCHLD handler in the test harness.
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Open descriptors of the daemon process.
+    pub fn open_fds(&self) -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static, log: Arc<(Mutex<Log>, Condvar)>) {
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if std::env::var_os("MMPROXY_TEST_ECHO").is_some() {
+                eprintln!("mmproxy| {line}");
+            }
+            let (lock, cv) = &*log;
+            if let Ok(mut l) = lock.lock() {
+                l.lines.push(line);
+            }
+            cv.notify_all();
+        }
+        let (lock, cv) = &*log;
+        if let Ok(mut l) = lock.lock() {
+            l.open = l.open.saturating_sub(1);
+        }
+        cv.notify_all();
+    });
+}

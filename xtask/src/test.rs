@@ -1,0 +1,75 @@
+//! `cargo xtask test`: the whole suite, in order, stopping at the first failure.
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::compile::{self, host_env};
+use crate::util::{cargo, output, run, step, succeeds};
+
+/// Prefix of every network namespace the end-to-end tests create (tests/src/netns.rs).
+const NETNS_PREFIX: &str = "mmpt-";
+
+pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
+    crate::setup::all(crate::setup::Needs::Test)?;
+
+    step("cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+
+    step("cargo clippy -D warnings (host crates)");
+    run(host_env(cargo().args([
+        "clippy",
+        "--quiet",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "mmproxy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])))?;
+
+    step("building the BPF object and the daemon");
+    compile::daemon()?;
+
+    step("unit tests");
+    let mut unit = cargo();
+    unit.args(["test", "--release", "--workspace"])
+        .args(["--exclude", "mmproxy-ebpf", "--exclude", "mmproxy-tests"]);
+    if let Some(f) = filter {
+        unit.args(["--", f]);
+    }
+    run(host_env(&mut unit))?;
+
+    step("end-to-end tests (network namespaces, real kernel, real HAProxy)");
+    remove_stale_namespaces();
+    let mut e2e = cargo();
+    e2e.args(["test", "--release", "-p", "mmproxy-tests", "--"])
+        .args(["--test-threads", "2"])
+        .env("MMPROXY_BIN", compile::daemon_binary());
+    if let Some(f) = filter {
+        e2e.arg(f);
+    }
+    let result = run(host_env(&mut e2e));
+    // Tests remove their namespaces on drop; this catches a test process that was
+    // killed before it could.
+    remove_stale_namespaces();
+    result?;
+
+    if !no_fuzz {
+        step("fuzzing the PROXY decoder for 60 s");
+        crate::fuzz::run(60)?;
+    }
+    step("all tests passed");
+    Ok(())
+}
+
+fn remove_stale_namespaces() {
+    let list = output(Command::new("ip").args(["netns", "list"]));
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if name.starts_with(NETNS_PREFIX) {
+            step(&format!("removing leftover namespace {name}"));
+            succeeds(Command::new("ip").args(["netns", "del", name]));
+        }
+    }
+}
