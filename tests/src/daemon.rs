@@ -77,27 +77,7 @@ impl Daemon {
 
     /// Waits until a log line contains `needle`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String> {
-        let (lock, cv) = &*self.log;
-        let deadline = Instant::now() + timeout;
-        let mut log = lock.lock().map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
-        let mut seen = 0;
-        loop {
-            if let Some(l) = log.lines[seen..].iter().find(|l| l.contains(needle)) {
-                return Ok(l.clone());
-            }
-            seen = log.lines.len();
-            if log.open == 0 {
-                bail!("mmproxy's output ended before {needle:?}");
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!("no log line with {needle:?} within {timeout:?}");
-            }
-            log = cv
-                .wait_timeout(log, deadline - now)
-                .map_err(|_| anyhow::anyhow!("log lock poisoned"))?
-                .0;
-        }
+        self.wait_for_after(needle, 0, timeout)
     }
 
     pub fn log_text(&self) -> String {
@@ -122,6 +102,36 @@ impl Daemon {
             }
             // No exit notification without a SIGCHLD handler in the test harness.
             thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's counters now: SIGUSR1 makes it log a `stats …` line.
+    pub fn stats(&self) -> Result<String> {
+        let before = self.log.0.lock().map(|l| l.lines.len()).unwrap_or(0);
+        self.signal(libc::SIGUSR1);
+        self.wait_for_after("stats", before, Duration::from_secs(10))
+    }
+
+    /// Like `wait_for`, looking only at lines after the first `skip`.
+    pub fn wait_for_after(&self, needle: &str, skip: usize, timeout: Duration) -> Result<String> {
+        let (lock, cv) = &*self.log;
+        let deadline = Instant::now() + timeout;
+        let mut log = lock.lock().map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
+        loop {
+            if let Some(l) = log.lines.iter().skip(skip).find(|l| l.contains(needle)) {
+                return Ok(l.clone());
+            }
+            if log.open == 0 {
+                bail!("mmproxy's output ended before {needle:?}");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("no log line with {needle:?} within {timeout:?}");
+            }
+            log = cv
+                .wait_timeout(log, deadline - now)
+                .map_err(|_| anyhow::anyhow!("log lock poisoned"))?
+                .0;
         }
     }
 
