@@ -1,0 +1,451 @@
+//! One proxied TCP connection: read and check the PROXY header, open the upstream
+//! connection from the client's address, relay.
+//!
+//! Logging follows [`crate::logging`]: failures of a connection are `warn!` and
+//! state changes `debug!`, both on [`CONN_TARGET`], so `-v` decides what is shown.
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::addr::{ClientAddr, ProxyAddr, UpstreamAddr};
+use crate::cli::{Args, TargetSpec};
+use crate::logging::CONN_TARGET;
+use crate::proxy_protocol::{self, DecodeOptions, Decoded, Endpoints, Expect, Invalid};
+use crate::stats::Stats;
+use crate::upstream::{self, UpstreamOptions};
+use crate::{relay, sockopt};
+
+/// Everything a connection needs, shared by all connections of all TCP listeners.
+#[derive(Debug)]
+pub struct TcpContext {
+    /// `-4`: target for IPv4 clients (and IPv4-mapped IPv6 ones).
+    pub target4: TargetSpec,
+    /// `-6`: target for IPv6 clients.
+    pub target6: TargetSpec,
+    pub upstream: UpstreamOptions,
+    /// Bound on receiving the whole header, however it is split.
+    pub header_timeout: Duration,
+    /// Largest v2 header accepted; also the size of the per-connection header buffer.
+    pub max_header_len: usize,
+    pub stats: Arc<Stats>,
+}
+
+impl TcpContext {
+    pub fn from_args(args: &Args, stats: Arc<Stats>) -> Self {
+        TcpContext {
+            target4: args.target4,
+            target6: args.target6,
+            upstream: UpstreamOptions {
+                mark: args.mark,
+                connect_timeout: args.connect_timeout,
+            },
+            header_timeout: args.header_timeout,
+            max_header_len: args.max_header_len,
+            stats,
+        }
+    }
+
+    fn decode_options(&self) -> DecodeOptions {
+        DecodeOptions {
+            max_header_len: self.max_header_len,
+            transport: Expect::Stream,
+        }
+    }
+
+    /// The buffer must hold any acceptable header, v1 lines included.
+    fn header_buf_len(&self) -> usize {
+        self.max_header_len.max(proxy_protocol::V1_MAX_LEN)
+    }
+}
+
+/// Serves one accepted connection from the balancer at `proxy` to its end. Never
+/// fails: every outcome is counted and logged, and both sockets are closed on return.
+pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>) {
+    let stats = &*ctx.stats;
+    let _active = Gauge::up(&stats.tcp_active);
+    // Only relayed bytes are affected, and those can still flow without it.
+    if let Err(e) = sockopt::set_nodelay(&conn) {
+        debug!(target: CONN_TARGET, peer = %proxy, error = %e, "cannot set TCP_NODELAY");
+    }
+    debug!(target: CONN_TARGET, peer = %proxy, "connection accepted");
+
+    let header = tokio::time::timeout(ctx.header_timeout, read_header(&mut conn, &ctx)).await;
+    let (endpoints, payload) = match header {
+        Ok(Ok(h)) => h,
+        Ok(Err(rejection)) => return reject(rejection, proxy, &ctx),
+        Err(_) => return reject(Rejection::Timeout(ctx.header_timeout), proxy, &ctx),
+    };
+
+    let (from, to) = match route(endpoints, &conn, &ctx) {
+        Ok(route) => route,
+        Err(e) => {
+            Stats::inc(&stats.upstream_connect_failed);
+            warn!(target: CONN_TARGET, peer = %proxy, reason = "no_local_addr", error = %e,
+                  "cannot choose the upstream for a LOCAL header");
+            return;
+        }
+    };
+    let client = from.map_or_else(|| "local".to_owned(), |c| c.to_string());
+    let dst = match endpoints {
+        Endpoints::Proxied { destination, .. } => destination.to_string(),
+        Endpoints::Local => "local".to_owned(),
+    };
+    debug!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to, "header received");
+
+    let upstream = match upstream::connect(from, to, &ctx.upstream).await {
+        Ok(s) => s,
+        Err(e) => {
+            Stats::inc(&stats.upstream_connect_failed);
+            warn!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to,
+                  reason = e.kind(), error = %e, "upstream connection failed");
+            return;
+        }
+    };
+    Stats::inc(&stats.tcp_proxied);
+    debug!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to, "upstream connected");
+
+    match relay::relay(conn, upstream, &payload, stats).await {
+        Ok(totals) => {
+            debug!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to,
+                   bytes_up = totals.up, bytes_down = totals.down, "connection closed");
+        }
+        Err(e) => {
+            Stats::inc(&stats.relay_errors);
+            warn!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to,
+                  reason = e.kind(), error = %e, "relay failed");
+        }
+    }
+}
+
+/// Why a connection was closed before a complete header.
+#[derive(Debug)]
+enum Rejection {
+    Invalid(Invalid),
+    Timeout(Duration),
+    /// The peer closed after sending this many bytes.
+    Eof(usize),
+    Io(io::Error),
+}
+
+fn reject(rejection: Rejection, proxy: ProxyAddr, ctx: &TcpContext) {
+    let stats = &*ctx.stats;
+    match rejection {
+        Rejection::Invalid(e) => {
+            Stats::inc(&stats.rejected_invalid_header);
+            warn!(target: CONN_TARGET, peer = %proxy, reason = e.kind(), error = %e,
+                  "invalid PROXY header, connection closed");
+        }
+        Rejection::Timeout(after) => {
+            Stats::inc(&stats.rejected_header_timeout);
+            warn!(target: CONN_TARGET, peer = %proxy, reason = "header_timeout",
+                  "no complete PROXY header within {after:?}, connection closed");
+        }
+        // Balancers' plain TCP health checks connect and close: not worth a warning.
+        Rejection::Eof(0) => {
+            Stats::inc(&stats.rejected_header_eof);
+            debug!(target: CONN_TARGET, peer = %proxy, reason = "eof",
+                   "connection closed before any byte");
+        }
+        Rejection::Eof(n) => {
+            Stats::inc(&stats.rejected_header_eof);
+            warn!(target: CONN_TARGET, peer = %proxy, reason = "eof", received = n,
+                  "connection closed inside the PROXY header");
+        }
+        Rejection::Io(e) => {
+            Stats::inc(&stats.rejected_header_eof);
+            warn!(target: CONN_TARGET, peer = %proxy, reason = "read_error", error = %e,
+                  "reading the PROXY header failed");
+        }
+    }
+}
+
+/// Reads until the decoder has a complete header, in as many reads as it takes.
+/// Returns the endpoints and the payload bytes that arrived with the header (usually
+/// none; then nothing is allocated for them).
+async fn read_header(
+    conn: &mut TcpStream,
+    ctx: &TcpContext,
+) -> Result<(Endpoints, Vec<u8>), Rejection> {
+    let opts = ctx.decode_options();
+    let mut buf = vec![0u8; ctx.header_buf_len()];
+    let mut filled = 0;
+    loop {
+        let Some(free) = buf.get_mut(filled..).filter(|f| !f.is_empty()) else {
+            // The decoder refuses headers above the maximum before the buffer fills;
+            // this only guards against that promise being broken.
+            return Err(Rejection::Invalid(Invalid::TooLong {
+                len: filled,
+                max: ctx.max_header_len,
+            }));
+        };
+        let n = conn.read(free).await.map_err(Rejection::Io)?;
+        if n == 0 {
+            return Err(Rejection::Eof(filled));
+        }
+        filled += n;
+        let received = buf.get(..filled).unwrap_or_default();
+        match proxy_protocol::decode(received, &opts) {
+            Ok(Decoded::NeedMore { .. }) => continue,
+            Ok(Decoded::Complete { header, len }) => {
+                let payload = received.get(len..).unwrap_or_default().to_vec();
+                return Ok((header.endpoints(), payload));
+            }
+            Err(e) => return Err(Rejection::Invalid(e)),
+        }
+    }
+}
+
+/// Where to connect from and to. The target is chosen by the client's family (as
+/// go-mmproxy does), or by the balancer's for LOCAL headers, which have no client.
+/// Without a target port, the header's destination port is used (for LOCAL: the
+/// port the balancer connected to).
+fn route(
+    endpoints: Endpoints,
+    conn: &TcpStream,
+    ctx: &TcpContext,
+) -> io::Result<(Option<ClientAddr>, UpstreamAddr)> {
+    let (from, family_of, dst_port) = match endpoints {
+        Endpoints::Proxied {
+            client,
+            destination,
+        } => (Some(client), client.0.ip(), destination.0.port()),
+        Endpoints::Local => {
+            let local = conn.local_addr()?;
+            let peer = conn.peer_addr()?;
+            (None, peer.ip(), local.port())
+        }
+    };
+    let target = match family_of.to_canonical() {
+        IpAddr::V4(_) => ctx.target4,
+        IpAddr::V6(_) => ctx.target6,
+    };
+    let port = target.port.unwrap_or(dst_port);
+    Ok((from, UpstreamAddr(SocketAddr::new(target.addr, port))))
+}
+
+/// Holds a gauge up for as long as it lives.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(counter: &'a AtomicU64) -> Self {
+        Stats::inc(counter);
+        Gauge(counter)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        Stats::dec(self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::OrigDstAddr;
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    struct World {
+        ctx: Arc<TcpContext>,
+        upstream: TcpListener,
+    }
+
+    async fn world(header_timeout: Duration) -> World {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = upstream.local_addr().unwrap().port();
+        let ctx = Arc::new(TcpContext {
+            target4: TargetSpec {
+                addr: "127.0.0.1".parse().unwrap(),
+                port: Some(port),
+            },
+            target6: TargetSpec {
+                addr: "::1".parse().unwrap(),
+                port: Some(port),
+            },
+            upstream: UpstreamOptions {
+                mark: 0,
+                connect_timeout: Duration::from_secs(2),
+            },
+            header_timeout,
+            max_header_len: proxy_protocol::DEFAULT_MAX_HEADER_LEN,
+            stats: Arc::new(Stats::default()),
+        });
+        World { ctx, upstream }
+    }
+
+    /// Connects a "balancer" to a task running `handle`.
+    async fn connect(ctx: &Arc<TcpContext>) -> (TcpStream, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (c, a) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (conn, peer) = a.unwrap();
+        let task = tokio::spawn(handle(conn, ProxyAddr(peer), ctx.clone()));
+        (c.unwrap(), task)
+    }
+
+    fn count(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// Whether the balancer's connection was closed by mmproxy (EOF or reset).
+    async fn closed_within(c: &mut TcpStream, d: Duration) -> bool {
+        let mut b = [0; 1];
+        matches!(
+            tokio::time::timeout(d, c.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    async fn not_dialled(upstream: &TcpListener) -> bool {
+        tokio::time::timeout(Duration::from_millis(100), upstream.accept())
+            .await
+            .is_err()
+    }
+
+    const V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+
+    #[tokio::test]
+    async fn header_split_byte_by_byte_then_payload_is_relayed() {
+        let w = world(Duration::from_secs(5)).await;
+        let (mut c, task) = connect(&w.ctx).await;
+        for b in b"PROXY UNKNOWN\r\n" {
+            c.write_all(&[*b]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        c.write_all(b"hello").await.unwrap();
+        let (mut up, _) = w.upstream.accept().await.unwrap();
+        let mut b = [0; 5];
+        up.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"hello");
+        up.write_all(b"bye").await.unwrap();
+        drop(up);
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        drop(c);
+        task.await.unwrap();
+        let s = &w.ctx.stats;
+        assert_eq!(count(&s.tcp_proxied), 1);
+        assert_eq!(count(&s.tcp_active), 0);
+        assert_eq!(count(&s.bytes_up), 5);
+        assert_eq!(count(&s.bytes_down), 3);
+    }
+
+    #[tokio::test]
+    async fn header_and_payload_in_one_segment_payload_first() {
+        let w = world(Duration::from_secs(5)).await;
+        let (mut c, _task) = connect(&w.ctx).await;
+        let mut first = V2_LOCAL.to_vec();
+        first.extend_from_slice(b"early");
+        c.write_all(&first).await.unwrap();
+        let (mut up, _) = w.upstream.accept().await.unwrap();
+        c.write_all(b"-late").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        up.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"early-late");
+    }
+
+    #[tokio::test]
+    async fn invalid_header_closes_without_dialling() {
+        let w = world(Duration::from_secs(5)).await;
+        for bad in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 80\r\n",
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04\x01\x02\x03\x04",
+        ] {
+            let (mut c, task) = connect(&w.ctx).await;
+            c.write_all(bad).await.unwrap();
+            assert!(closed_within(&mut c, Duration::from_secs(2)).await);
+            task.await.unwrap();
+        }
+        assert!(not_dialled(&w.upstream).await);
+        assert_eq!(count(&w.ctx.stats.rejected_invalid_header), 3);
+        assert_eq!(count(&w.ctx.stats.tcp_active), 0);
+    }
+
+    #[tokio::test]
+    async fn silent_connection_is_cut_at_the_header_timeout() {
+        let w = world(Duration::from_millis(200)).await;
+        let (mut c, task) = connect(&w.ctx).await;
+        let start = tokio::time::Instant::now();
+        assert!(closed_within(&mut c, Duration::from_secs(2)).await);
+        assert!(start.elapsed() >= Duration::from_millis(190));
+        task.await.unwrap();
+        assert_eq!(count(&w.ctx.stats.rejected_header_timeout), 1);
+        assert!(not_dialled(&w.upstream).await);
+    }
+
+    #[tokio::test]
+    async fn trickling_header_is_cut_at_the_timeout_not_per_read() {
+        let w = world(Duration::from_millis(300)).await;
+        let (mut c, task) = connect(&w.ctx).await;
+        let start = tokio::time::Instant::now();
+        let trickle = async {
+            for b in b"PROXY TCP4 198.51.100.9 203.0.113.1 40000 443\r\n" {
+                if c.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), trickle).await;
+        task.await.unwrap();
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(count(&w.ctx.stats.rejected_header_timeout), 1);
+        assert!(not_dialled(&w.upstream).await);
+    }
+
+    #[tokio::test]
+    async fn eof_inside_the_header_is_counted() {
+        let w = world(Duration::from_secs(5)).await;
+        let (mut c, task) = connect(&w.ctx).await;
+        c.write_all(b"PROXY TCP4 ").await.unwrap();
+        drop(c);
+        task.await.unwrap();
+        assert_eq!(count(&w.ctx.stats.rejected_header_eof), 1);
+        assert!(not_dialled(&w.upstream).await);
+    }
+
+    #[tokio::test]
+    async fn refused_upstream_closes_the_client_promptly() {
+        let w = world(Duration::from_secs(5)).await;
+        drop(w.upstream);
+        let (mut c, task) = connect(&w.ctx).await;
+        c.write_all(b"PROXY UNKNOWN\r\nhello").await.unwrap();
+        assert!(closed_within(&mut c, Duration::from_secs(2)).await);
+        task.await.unwrap();
+        assert_eq!(count(&w.ctx.stats.upstream_connect_failed), 1);
+        assert_eq!(count(&w.ctx.stats.tcp_proxied), 0);
+    }
+
+    #[test]
+    fn target_follows_the_client_family_and_header_port() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut w = world(Duration::from_secs(1)).await;
+            let ctx = Arc::get_mut(&mut w.ctx).unwrap();
+            ctx.target4.port = None;
+            let (c, _task) = connect(&w.ctx).await;
+            let proxied = |client: &str| Endpoints::Proxied {
+                client: ClientAddr(client.parse().unwrap()),
+                destination: OrigDstAddr("[2001:db8::1]:8443".parse().unwrap()),
+            };
+            let (from, to) = route(proxied("[::ffff:198.51.100.9]:4000"), &c, &w.ctx).unwrap();
+            assert!(from.is_some());
+            assert_eq!(to.0, "127.0.0.1:8443".parse::<SocketAddr>().unwrap());
+            let (_, to) = route(proxied("[2001:db8::9]:4000"), &c, &w.ctx).unwrap();
+            assert_eq!(to.0.ip(), "::1".parse::<IpAddr>().unwrap());
+        });
+    }
+}
