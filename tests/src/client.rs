@@ -30,7 +30,7 @@ pub fn connect_from(
             sock.bind(&src.into())?;
         }
         sock.connect_timeout(&dst.into(), timeout)?;
-        sock.set_nodelay(true)?;
+        sock.set_tcp_nodelay(true)?;
         Ok(sock.into())
     })
 }

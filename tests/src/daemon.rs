@@ -19,7 +19,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub fn binary() -> PathBuf {
     std::env::var_os("MMPROXY_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/mmproxy")))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/release/mmproxy"
+            ))
+        })
 }
 
 struct Log {
@@ -43,17 +48,29 @@ impl Daemon {
         Ok(d)
     }
 
+    /// Starts mmproxy through another program (`sh -c 'ulimit …; exec mmproxy …'`)
+    /// and waits for its ready line.
+    pub fn start_command(ns: &Netns, program: &str, args: &[&str]) -> Result<Self> {
+        let d = Self::spawn_program(ns, program, args)?;
+        d.wait_for(READY, START_TIMEOUT)
+            .with_context(|| format!("mmproxy did not become ready; log:\n{}", d.log_text()))?;
+        Ok(d)
+    }
+
     /// Starts mmproxy without waiting (for start-up failure tests).
     pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Self> {
-        let bin = binary();
+        Self::spawn_program(ns, &binary().to_string_lossy(), args)
+    }
+
+    fn spawn_program(ns: &Netns, program: &str, args: &[&str]) -> Result<Self> {
         let mut child = ns
-            .command(&bin.to_string_lossy())
+            .command(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| format!("starting {program}"))?;
         let log = Arc::new((
             Mutex::new(Log {
                 lines: Vec::new(),
@@ -68,7 +85,11 @@ impl Daemon {
             }
             _ => bail!("mmproxy's output pipes are missing"),
         }
-        Ok(Self { child, log, exited: None })
+        Ok(Self {
+            child,
+            log,
+            exited: None,
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -81,7 +102,11 @@ impl Daemon {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.0.lock().map(|l| l.lines.join("\n")).unwrap_or_default()
+        self.log
+            .0
+            .lock()
+            .map(|l| l.lines.join("\n"))
+            .unwrap_or_default()
     }
 
     pub fn signal(&self, sig: i32) {
@@ -116,7 +141,9 @@ impl Daemon {
     pub fn wait_for_after(&self, needle: &str, skip: usize, timeout: Duration) -> Result<String> {
         let (lock, cv) = &*self.log;
         let deadline = Instant::now() + timeout;
-        let mut log = lock.lock().map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
+        let mut log = lock
+            .lock()
+            .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
         loop {
             if let Some(l) = log.lines.iter().skip(skip).find(|l| l.contains(needle)) {
                 return Ok(l.clone());

@@ -51,7 +51,14 @@ impl Haproxy {
         let pidfile = dir.0.join("haproxy.pid");
         ns.run(
             "haproxy",
-            &["-D", "-q", "-f", &path.to_string_lossy(), "-p", &pidfile.to_string_lossy()],
+            &[
+                "-D",
+                "-q",
+                "-f",
+                &path.to_string_lossy(),
+                "-p",
+                &pidfile.to_string_lossy(),
+            ],
         )
         .context("starting haproxy")?;
         Ok(Self { _dir: dir })

@@ -85,7 +85,16 @@ impl Netns {
     /// Connects this namespace to `other` with a veth pair named `here` / `there`.
     pub fn link(&self, here: &str, other: &Netns, there: &str) -> Result<()> {
         self.ip(&[
-            "link", "add", here, "type", "veth", "peer", "name", there, "netns", &other.name,
+            "link",
+            "add",
+            here,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            there,
+            "netns",
+            &other.name,
         ])?;
         self.ip(&["link", "set", here, "up"])?;
         other.ip(&["link", "set", there, "up"])

@@ -46,7 +46,8 @@ impl Topology {
         t.client.addr("eth0", &format!("{CLIENT_V4}/24"))?;
         t.client.addr("eth0", &format!("{CLIENT_V6}/64"))?;
         t.client.ip(&["route", "add", "default", "via", FRONT_V4])?;
-        t.client.ip(&["-6", "route", "add", "default", "via", FRONT_V6])?;
+        t.client
+            .ip(&["-6", "route", "add", "default", "via", FRONT_V6])?;
         t.lb.addr("front", &format!("{FRONT_V4}/24"))?;
         t.lb.addr("front", &format!("{FRONT_V6}/64"))?;
 
@@ -68,7 +69,8 @@ impl Topology {
         t.gw.addr("eth0", &format!("{GW_V4}/24"))?;
         t.gw.addr("eth0", &format!("{GW_V6}/64"))?;
         t.host.ip(&["route", "add", "default", "via", GW_V4])?;
-        t.host.ip(&["-6", "route", "add", "default", "via", GW_V6])?;
+        t.host
+            .ip(&["-6", "route", "add", "default", "via", GW_V6])?;
         Ok(t)
     }
 }

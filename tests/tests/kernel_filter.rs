@@ -22,7 +22,10 @@ fn kernel_refuses_disallowed_proxy_before_accept() -> Result<()> {
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
     let dir = TempDir::new("allowed")?;
     let allowed = dir.0.join("allowed.txt");
-    std::fs::write(&allowed, format!("# the balancer\n{LB_V4}/32\n{LB_V6}/128\n"))?;
+    std::fs::write(
+        &allowed,
+        format!("# the balancer\n{LB_V4}/32\n{LB_V6}/128\n"),
+    )?;
     let d = Daemon::start(
         &t.host,
         &[
@@ -95,11 +98,15 @@ fn userspace_check_still_applies_without_the_kernel_side() -> Result<()> {
     // The kernel lets it in; userspace closes it before reading a header.
     let mut conn = connect_from(&t.lb, Some(LB_OTHER_V4), &format!("{HOST_V4}:8443"), WAIT)??;
     conn.set_read_timeout(Some(WAIT))?;
-    let _ = conn.write_all(format!("PROXY TCP4 {CLIENT_V4} {HOST_V4} 40001 8443\r\nhello").as_bytes());
+    let _ =
+        conn.write_all(format!("PROXY TCP4 {CLIENT_V4} {HOST_V4} 40001 8443\r\nhello").as_bytes());
     let mut buf = [0u8; 16];
     let n = conn.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "the refused proxy got data back");
-    assert!(echo.try_peer().is_none(), "the upstream was dialled for a refused proxy");
+    assert!(
+        echo.try_peer().is_none(),
+        "the upstream was dialled for a refused proxy"
+    );
     let line = d.stats()?;
     assert_eq!(counter(&line, "rejected_not_allowed"), 1, "{line}");
     Ok(())

@@ -24,6 +24,8 @@ enum Command {
     Setup,
     /// Build the BPF object, then the daemon at target/release/mmproxy
     Build,
+    /// Show mmproxy's job end to end, in network namespaces (needs root)
+    Demo,
     /// fmt, clippy, unit tests, privileged end-to-end tests (in network namespaces)
     Test {
         /// Skip the short fuzzing run
@@ -45,6 +47,23 @@ fn main() -> Result<()> {
         Command::Build => {
             setup::all(setup::Needs::Build)?;
             compile::daemon()
+        }
+        Command::Demo => {
+            setup::all(setup::Needs::Test)?;
+            compile::daemon()?;
+            util::run(compile::host_env(
+                util::cargo()
+                    .args([
+                        "run",
+                        "--quiet",
+                        "--release",
+                        "-p",
+                        "mmproxy-tests",
+                        "--bin",
+                        "demo",
+                    ])
+                    .env("MMPROXY_BIN", compile::daemon_binary()),
+            ))
         }
         Command::Test { no_fuzz, filter } => test::run_all(no_fuzz, filter.as_deref()),
         Command::Fuzz { seconds } => fuzz::run(seconds),
