@@ -11,7 +11,7 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let object = env::var_os("MMPROXY_BPF_OBJECT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../target/bpf/bpfel-unknown-none/release/mmproxy"));
+        .unwrap_or_else(|| manifest.join("../target/bpf/bpfel-unknown-none/release/mmproxy-ebpf"));
     println!("cargo::rerun-if-changed={}", object.display());
 
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap_or_default()).join("mmproxy.bpf.o");

@@ -8,7 +8,7 @@ use crate::util::{build_path, root, run, step};
 
 /// Where the BPF object lands; the daemon's build script embeds it from here.
 pub fn bpf_object() -> PathBuf {
-    root().join("target/bpf/bpfel-unknown-none/release/mmproxy")
+    root().join("target/bpf/bpfel-unknown-none/release/mmproxy-ebpf")
 }
 
 pub fn daemon_binary() -> PathBuf {
@@ -20,7 +20,16 @@ pub fn ebpf() -> Result<()> {
     // stable toolchain's own cargo, which knows no `+toolchain`. Its own target dir:
     // nightly artefacts would otherwise invalidate the stable ones.
     run(Command::new("rustup")
-        .args(["run", "nightly", "cargo", "build", "--quiet", "-p", "mmproxy-ebpf", "--release"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--quiet",
+            "-p",
+            "mmproxy-ebpf",
+            "--release",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .args(["--target-dir", "target/bpf"])
         .env("PATH", build_path())
@@ -38,9 +47,15 @@ pub fn host_env(cmd: &mut Command) -> &mut Command {
 
 pub fn daemon() -> Result<()> {
     ebpf()?;
-    run(host_env(
-        crate::util::cargo().args(["build", "--quiet", "--release", "-p", "mmproxy", "--bin", "mmproxy"]),
-    ))?;
+    run(host_env(crate::util::cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "mmproxy",
+        "--bin",
+        "mmproxy",
+    ])))?;
     step(&format!("built {}", daemon_binary().display()));
     Ok(())
 }
