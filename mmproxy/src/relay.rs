@@ -304,7 +304,12 @@ impl<'a> Pump<'a> {
             match src.try_io(Interest::READABLE, || fill(in_flight, src)) {
                 Ok(0) => return self.finish(),
                 // Straight to the destination: usually writable, so no wait.
-                Ok(_) => self.drain().await?,
+                Ok(_) => {
+                    self.drain().await?;
+                    // A fast sender can keep both sockets ready for long stretches;
+                    // without this the loop would never yield to other connections.
+                    tokio::task::coop::consume_budget().await;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Drained and nothing to read: give the pipe back while idle.
                     self.in_flight = InFlight::Nothing;
