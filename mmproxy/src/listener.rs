@@ -183,7 +183,8 @@ fn admit<F: Fn(IpAddr) -> bool>(
 
 /// Errors that say the process or system is out of something: retrying at once
 /// would spin. The others (ECONNABORTED, EPROTO, network errors passed on by
-/// accept) concern one connection only and the next accept can go ahead.
+/// accept) concern one connection only and the next accept can go ahead. An error
+/// without an errno is unexpected, so it backs off too rather than risk a spin.
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
