@@ -47,7 +47,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -84,8 +84,6 @@ pub struct RoutingPlan {
     /// Kernel-side steering marks answers with this: `fwmark M lookup T`
     /// for both families.
     pub fwmark: Option<u32>,
-    /// Directory of the lock files; [`DEFAULT_LOCK_DIR`] outside tests.
-    pub lock_dir: PathBuf,
 }
 
 impl RoutingPlan {
@@ -101,7 +99,6 @@ impl RoutingPlan {
             v4_loopback: targets.iter().any(is_v4_lo),
             v6_loopback: targets.iter().any(is_v6_lo),
             fwmark: None,
-            lock_dir: PathBuf::from(DEFAULT_LOCK_DIR),
         }
     }
 
@@ -497,11 +494,7 @@ impl InstalledRoutes {
         if parts.is_empty() {
             parts.push("nothing to do".into());
         }
-        let mut s = format!(
-            "return-path routing (table {}): {}",
-            self.table,
-            parts.join("; ")
-        );
+        let mut s = format!("table {}: {}", self.table, parts.join("; "));
         if let Some(n) = &self.lock_note {
             s.push_str("; ");
             s.push_str(n);
@@ -764,7 +757,16 @@ async fn shared_lock(dir: &Path) -> Result<File, String> {
 /// with I/O and timers; works in the calling thread's network namespace.
 /// On error, whatever this call added is removed again.
 pub async fn install(plan: &RoutingPlan) -> Result<InstalledRoutes, RoutingError> {
-    let (lock, lock_note) = match shared_lock(&plan.lock_dir).await {
+    install_with_lock_dir(plan, Path::new(DEFAULT_LOCK_DIR)).await
+}
+
+/// [`install`] with the lock files in `lock_dir` instead of
+/// [`DEFAULT_LOCK_DIR`] (tests; hosts where `/run` is not writable).
+pub async fn install_with_lock_dir(
+    plan: &RoutingPlan,
+    lock_dir: &Path,
+) -> Result<InstalledRoutes, RoutingError> {
+    let (lock, lock_note) = match shared_lock(lock_dir).await {
         Ok(f) => (Some(f), None),
         Err(note) => (
             None,
@@ -902,7 +904,6 @@ mod tests {
             v4_loopback: v4,
             v6_loopback: v6,
             fwmark: mark,
-            lock_dir: PathBuf::from("/nonexistent"),
         }
     }
 
@@ -945,7 +946,6 @@ mod tests {
         let p = RoutingPlan::for_targets(7, &[ip("127.0.0.1"), ip("::1")]);
         assert!(p.v4_loopback && p.v6_loopback && p.fwmark.is_none());
         assert_eq!(p.table, 7);
-        assert_eq!(p.lock_dir, Path::new(DEFAULT_LOCK_DIR));
         let p = RoutingPlan::for_targets(7, &[ip("192.0.2.1"), ip("2001:db8::1")]);
         assert!(!p.v4_loopback && !p.v6_loopback && p.is_empty());
         let p = RoutingPlan::for_targets(7, &[ip("127.8.9.10"), ip("2001:db8::1")]).with_fwmark(5);
@@ -1170,7 +1170,7 @@ mod tests {
         };
         assert_eq!(
             r.describe(),
-            "return-path routing (table 123): added `ip route local 0.0.0.0/0 dev lo table 123`; \
+            "table 123: added `ip route local 0.0.0.0/0 dev lo table 123`; \
              reused existing `ip rule from 127.0.0.0/8 iif lo lookup 123`; \
              skipped `ip -6 route local ::/0 dev lo table 123` (IPv6 is disabled in this kernel)"
         );
@@ -1197,6 +1197,7 @@ mod tests {
     mod netns {
         use super::super::*;
         use rtnetlink::LinkUnspec;
+        use std::path::PathBuf;
         use std::process::Command;
 
         /// Runs `f` on a current-thread runtime inside a fresh network
@@ -1269,14 +1270,19 @@ mod tests {
             }
         }
 
-        fn plan(dir: &Path, v4: bool, v6: bool, mark: Option<u32>) -> RoutingPlan {
+        fn plan(v4: bool, v6: bool, mark: Option<u32>) -> RoutingPlan {
             RoutingPlan {
                 table: 123,
                 v4_loopback: v4,
                 v6_loopback: v6,
                 fwmark: mark,
-                lock_dir: dir.to_path_buf(),
             }
+        }
+
+        /// Every install in these tests keeps its lock files in the test's
+        /// own directory.
+        async fn install(p: &RoutingPlan, dir: &Path) -> Result<InstalledRoutes, RoutingError> {
+            install_with_lock_dir(p, dir).await
         }
 
         /// Everything rule- and route-related in the namespace, comparable
@@ -1377,9 +1383,9 @@ mod tests {
         fn install_reuse_remove_in_netns() {
             in_netns("install_reuse_remove_in_netns", |h, dir| async move {
                 let before = snapshot(&h).await;
-                let p = plan(&dir, true, true, Some(0x6d6d_7078));
+                let p = plan(true, true, Some(0x6d6d_7078));
 
-                let first = install(&p).await.unwrap();
+                let first = install(&p, &dir).await.unwrap();
                 let d = first.describe();
                 assert!(d.contains("added") && !d.contains("reused"), "{d}");
                 assert_eq!(count_matching(&h, &p).await, 6, "one of each");
@@ -1401,7 +1407,7 @@ mod tests {
                 }
 
                 // Second instance (e.g. the UDP one): adds nothing.
-                let second = install(&p).await.unwrap();
+                let second = install(&p, &dir).await.unwrap();
                 assert!(!second.added_any(), "{}", second.describe());
                 assert!(
                     second.describe().contains("shared with"),
@@ -1439,8 +1445,8 @@ mod tests {
                         );
                     }
                     let before = snapshot(&h).await;
-                    let p = plan(&dir, true, true, None);
-                    let got = install(&p).await.unwrap();
+                    let p = plan(true, true, None);
+                    let got = install(&p, &dir).await.unwrap();
                     assert!(!got.added_any(), "{}", got.describe());
                     assert!(
                         got.describe().contains("reused existing"),
@@ -1453,8 +1459,8 @@ mod tests {
                     assert_eq!(snapshot(&h).await, before, "the operator's entries stay");
 
                     // With an fwmark the missing rules are added, and only they go.
-                    let p = plan(&dir, true, true, Some(9));
-                    let got = install(&p).await.unwrap();
+                    let p = plan(true, true, Some(9));
+                    let got = install(&p, &dir).await.unwrap();
                     assert_eq!(
                         got.entries
                             .iter()
@@ -1476,14 +1482,14 @@ mod tests {
                 "leftovers_of_a_killed_instance_are_adopted_then_removed",
                 |h, dir| async move {
                     let before = snapshot(&h).await;
-                    let p = plan(&dir, true, false, None);
-                    let killed = install(&p).await.unwrap();
+                    let p = plan(true, false, None);
+                    let killed = install(&p, &dir).await.unwrap();
                     // SIGKILL: no remove(); the kernel drops the process's lock.
                     drop(killed);
                     let after_kill = snapshot(&h).await;
                     assert_ne!(after_kill, before);
 
-                    let restarted = install(&p).await.unwrap();
+                    let restarted = install(&p, &dir).await.unwrap();
                     assert!(!restarted.added_any(), "{}", restarted.describe());
                     assert_eq!(snapshot(&h).await, after_kill, "no duplicates");
                     let rep = restarted.remove().await.unwrap();
@@ -1502,8 +1508,8 @@ mod tests {
                     // A file where the lock directory should be: no lock.
                     std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
                     std::fs::write(&dir, b"not a directory").unwrap();
-                    let p = plan(&dir, true, false, None);
-                    let got = install(&p).await.unwrap();
+                    let p = plan(true, false, None);
+                    let got = install(&p, &dir).await.unwrap();
                     assert!(
                         got.describe().contains("only what this process added"),
                         "{}",
@@ -1523,9 +1529,9 @@ mod tests {
                 let before = snapshot(&h).await;
                 let p = RoutingPlan {
                     table: 70_000,
-                    ..plan(&dir, true, true, None)
+                    ..plan(true, true, None)
                 };
-                let got = install(&p).await.unwrap();
+                let got = install(&p, &dir).await.unwrap();
                 assert_eq!(count_matching(&h, &p).await, 4);
                 if let Some(rules) = ip(&["rule", "show"]) {
                     assert!(rules.contains("lookup 70000"), "{rules}");
