@@ -16,6 +16,7 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use aya_log_ebpf::debug;
+use core::ptr::read_volatile;
 use mmproxy_common::{
     Config, Counter, ListenRule, COUNTER_SLOTS, FAMILY_V4, FAMILY_V6, MAX_ALLOWED_SUBNETS,
     MAX_LISTENERS, MAX_LISTEN_RULES, RULE_ANY_ADDR, RULE_STEER,
@@ -57,34 +58,57 @@ struct Lookup {
 }
 
 fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
+    let l = ctx.lookup;
+    // Every field is read with its own volatile load at a constant offset from the
+    // context pointer: the verifier rejects loads through a context pointer the
+    // compiler has offset (which it likes to do when both families share code).
     // SAFETY: the kernel hands sk_lookup programs a valid `bpf_sk_lookup`; every
     // field read here is one the verifier allows for this program type.
-    let l = unsafe { &*ctx.lookup };
     let mut remote = [0u8; 16];
     let mut local = [0u8; 16];
-    let family = match l.family {
+    let family = match unsafe { read_volatile(&raw const (*l).family) } {
         AF_INET => {
-            remote[..4].copy_from_slice(&l.remote_ip4.to_ne_bytes());
-            local[..4].copy_from_slice(&l.local_ip4.to_ne_bytes());
+            let r = unsafe { read_volatile(&raw const (*l).remote_ip4) };
+            let a = unsafe { read_volatile(&raw const (*l).local_ip4) };
+            remote[..4].copy_from_slice(&r.to_ne_bytes());
+            local[..4].copy_from_slice(&a.to_ne_bytes());
             FAMILY_V4
         }
         AF_INET6 => {
             // The verifier only accepts 4-byte loads of these arrays.
+            let r = unsafe {
+                [
+                    read_volatile(&raw const (*l).remote_ip6[0]),
+                    read_volatile(&raw const (*l).remote_ip6[1]),
+                    read_volatile(&raw const (*l).remote_ip6[2]),
+                    read_volatile(&raw const (*l).remote_ip6[3]),
+                ]
+            };
+            let a = unsafe {
+                [
+                    read_volatile(&raw const (*l).local_ip6[0]),
+                    read_volatile(&raw const (*l).local_ip6[1]),
+                    read_volatile(&raw const (*l).local_ip6[2]),
+                    read_volatile(&raw const (*l).local_ip6[3]),
+                ]
+            };
             for i in 0..4 {
-                remote[i * 4..i * 4 + 4].copy_from_slice(&l.remote_ip6[i].to_ne_bytes());
-                local[i * 4..i * 4 + 4].copy_from_slice(&l.local_ip6[i].to_ne_bytes());
+                remote[i * 4..i * 4 + 4].copy_from_slice(&r[i].to_ne_bytes());
+                local[i * 4..i * 4 + 4].copy_from_slice(&a[i].to_ne_bytes());
             }
             FAMILY_V6
         }
         _ => return None,
     };
+    let protocol = unsafe { read_volatile(&raw const (*l).protocol) };
+    // Host byte order, unlike remote_port.
+    let local_port = unsafe { read_volatile(&raw const (*l).local_port) };
     Some(Lookup {
         family,
-        protocol: l.protocol as u8,
+        protocol: protocol as u8,
         remote,
         local,
-        // Host byte order, unlike remote_port.
-        local_port: l.local_port as u16,
+        local_port: local_port as u16,
     })
 }
 
@@ -105,16 +129,19 @@ fn decide(ctx: &SkLookupContext) -> u32 {
             debug!(
                 ctx,
                 "refused {:i} -> port {}: not in allowed subnets",
-                u32::from_be_bytes([lookup.remote[0], lookup.remote[1], lookup.remote[2], lookup.remote[3]]),
+                u32::from_be_bytes([
+                    lookup.remote[0],
+                    lookup.remote[1],
+                    lookup.remote[2],
+                    lookup.remote[3]
+                ]),
                 lookup.local_port
             );
         } else {
             count(Counter::RefusedV6);
             debug!(
                 ctx,
-                "refused {:i} -> port {}: not in allowed subnets",
-                lookup.remote,
-                lookup.local_port
+                "refused {:i} -> port {}: not in allowed subnets", lookup.remote, lookup.local_port
             );
         }
         return SK_DROP;
@@ -161,7 +188,12 @@ fn matching_rule(lookup: &Lookup, rule_count: u32) -> Option<&'static ListenRule
 
 fn source_allowed(lookup: &Lookup) -> bool {
     if lookup.family == FAMILY_V4 {
-        let addr = [lookup.remote[0], lookup.remote[1], lookup.remote[2], lookup.remote[3]];
+        let addr = [
+            lookup.remote[0],
+            lookup.remote[1],
+            lookup.remote[2],
+            lookup.remote[3],
+        ];
         ALLOWED_V4.get(Key::new(32, addr)).is_some()
     } else {
         ALLOWED_V6.get(Key::new(128, lookup.remote)).is_some()

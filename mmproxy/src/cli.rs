@@ -14,8 +14,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 
-// Must equal `proxy_protocol::DEFAULT_MAX_HEADER_LEN` (checked by a test).
-const DEFAULT_MAX_HEADER_LEN: usize = 4096;
+use crate::proxy_protocol::DEFAULT_MAX_HEADER_LEN;
 
 /// Flags that go-mmproxy defines, as written after the dash(es).
 const GO_SHORT: &[&str] = &["l", "4", "6", "p", "v"];
@@ -30,12 +29,20 @@ const GO_LONG: &[&str] = &["allowed-subnets", "close-after", "listeners", "mark"
 )]
 pub struct Args {
     /// Address the proxy listens on; repeatable; the port may be a range (20000-20999)
-    #[arg(short = 'l', value_name = "ADDR:PORT[-PORT]", default_value = "0.0.0.0:8443")]
+    #[arg(
+        short = 'l',
+        value_name = "ADDR:PORT[-PORT]",
+        default_value = "0.0.0.0:8443"
+    )]
     pub listen: Vec<ListenSpec>,
 
     /// Address to which IPv4 traffic will be forwarded to (port optional: then the
     /// PROXY header's destination port is used)
-    #[arg(short = '4', value_name = "ADDR[:PORT]", default_value = "127.0.0.1:443")]
+    #[arg(
+        short = '4',
+        value_name = "ADDR[:PORT]",
+        default_value = "127.0.0.1:443"
+    )]
     pub target4: TargetSpec,
 
     /// Address to which IPv6 traffic will be forwarded to (port optional)
@@ -261,7 +268,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !secs.is_finite() || secs < 0.0 || secs > 86_400.0 * 365.0 {
+    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
         return Err(format!("{s:?} is not a sensible number of seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -332,7 +339,10 @@ mod tests {
     #[test]
     fn defaults_match_go_mmproxy() {
         let a = parse(&[]);
-        assert_eq!(a.listen, vec!["0.0.0.0:8443".parse::<ListenSpec>().unwrap()]);
+        assert_eq!(
+            a.listen,
+            vec!["0.0.0.0:8443".parse::<ListenSpec>().unwrap()]
+        );
         assert_eq!(a.target4, "127.0.0.1:443".parse().unwrap());
         assert_eq!(a.target6, "[::1]:443".parse().unwrap());
         assert_eq!(a.protocol, Protocol::Tcp);
@@ -358,7 +368,10 @@ mod tests {
         assert_eq!(a.listen[0].ports, 25577..=25577);
         assert_eq!(a.target4.port, Some(25578));
         assert_eq!(a.target6.addr, "::1".parse::<IpAddr>().unwrap());
-        assert_eq!(a.allowed_subnets, Some(PathBuf::from("./path-prefixes.txt")));
+        assert_eq!(
+            a.allowed_subnets,
+            Some(PathBuf::from("./path-prefixes.txt"))
+        );
     }
 
     #[test]

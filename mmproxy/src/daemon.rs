@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,16 +19,16 @@ use crate::allowed_subnets::{AllowList, SharedAllowList};
 use crate::cli::{Args, EbpfMode, Protocol};
 use crate::ebpf::{self, KernelOptions, KernelSide};
 use crate::listener;
-use crate::routing::{self, InstalledRoutes, RoutingPlan};
+use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
 use crate::tcp::TcpContext;
-use crate::upstream::UpstreamOptions;
 
 pub async fn run(args: Args) -> Result<()> {
     if args.protocol == Protocol::Udp {
         bail!("-p udp is not implemented yet in this build");
     }
     let stats = Arc::new(Stats::default());
+    let signals = Signals::install()?;
 
     let (allowed, warnings) = SharedAllowList::from_file(args.allowed_subnets.as_deref())?;
     for w in warnings {
@@ -51,12 +51,8 @@ pub async fn run(args: Args) -> Result<()> {
     let routes = if args.no_routing {
         None
     } else {
-        let plan = RoutingPlan {
-            table: args.route_table,
-            v4_loopback: args.target4.addr.is_loopback(),
-            v6_loopback: args.target6.addr.is_loopback(),
-            fwmark: None,
-        };
+        let plan =
+            RoutingPlan::for_targets(args.route_table, &[args.target4.addr, args.target6.addr]);
         let installed = routing::install(&plan)
             .await
             .context("installing return-path routing (use --no-routing to manage it yourself)")?;
@@ -64,26 +60,21 @@ pub async fn run(args: Args) -> Result<()> {
         Some(installed)
     };
 
-    let ctx = Arc::new(TcpContext {
-        target4: args.target4,
-        target6: args.target6,
-        upstream: UpstreamOptions {
-            mark: args.mark,
-            connect_timeout: args.connect_timeout,
-        },
-        header_timeout: args.header_timeout,
-        max_header_len: args.max_header_len,
-        verbose: args.verbose,
-        stats: stats.clone(),
-    });
+    let ctx = Arc::new(TcpContext::from_args(&args, stats.clone()));
     let limits = Arc::new(Semaphore::new(args.max_connections));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut listening = Vec::new();
     for group in sockets {
         for socket in group {
-            let socket = tokio::net::TcpListener::from_std(socket).context("registering listener")?;
-            listening.push(socket.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            let socket =
+                tokio::net::TcpListener::from_std(socket).context("registering listener")?;
+            listening.push(
+                socket
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            );
             let allowed = allowed.clone();
             tracker.spawn(listener::serve_tcp(
                 socket,
@@ -102,9 +93,12 @@ pub async fn run(args: Args) -> Result<()> {
     );
 
     let stats_task = spawn_stats_line(args.stats_interval, stats.clone(), kernel.clone());
-    signal_loop(&args, &allowed, kernel.as_ref(), &stats).await?;
+    signal_loop(signals, &args, &allowed, kernel.as_ref(), &stats).await;
 
-    info!("stopping: no new connections; live ones get {:?}", args.shutdown_grace);
+    info!(
+        "stopping: no new connections; live ones get {:?}",
+        args.shutdown_grace
+    );
     shutdown.cancel();
     tracker.close();
     if let Some(routes) = routes {
@@ -113,7 +107,10 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     drop(kernel);
-    if tokio::time::timeout(args.shutdown_grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(args.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(
             "{} connections still open after the grace period; closing them",
             stats.tcp_active.load(std::sync::atomic::Ordering::Relaxed)
@@ -164,7 +161,9 @@ fn start_kernel_side(
             );
             Ok(None)
         }
-        Err(e) => Err(anyhow::anyhow!("{}; {}", e.full(), e.hint())).context("loading the kernel side"),
+        Err(e) => {
+            Err(anyhow::anyhow!("{}; {}", e.full(), e.hint())).context("loading the kernel side")
+        }
     }
 }
 
@@ -175,24 +174,45 @@ fn split_nets(list: Option<&AllowList>) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv6
     }
 }
 
+/// The signals the daemon acts on. Installed before the ready line, so a signal
+/// sent right after it is never met by the default action (which, for SIGUSR1 and
+/// SIGHUP, kills the process).
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(Self {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+            usr1: install(SignalKind::user_defined1(), "SIGUSR1")?,
+        })
+    }
+}
+
 /// Waits for SIGTERM/SIGINT; reloads the allow-list on SIGHUP; logs the counters
 /// at once on SIGUSR1.
 async fn signal_loop(
+    mut signals: Signals,
     args: &Args,
     allowed: &SharedAllowList,
     kernel: Option<&Kernel>,
     stats: &Stats,
-) -> Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+) {
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => reload(args, allowed, kernel),
-            _ = usr1.recv() => info!("stats {}", stats_line(stats, kernel)),
+            _ = signals.term.recv() => return,
+            _ = signals.int.recv() => return,
+            _ = signals.hup.recv() => reload(args, allowed, kernel),
+            _ = signals.usr1.recv() => info!("stats {}", stats_line(stats, kernel)),
         }
     }
 }
@@ -215,7 +235,10 @@ fn reload(args: &Args, allowed: &SharedAllowList, kernel: Option<&Kernel>) {
                     Err(_) => return error!("SIGHUP: kernel side state poisoned"),
                 };
                 if let Err(e) = result {
-                    error!("SIGHUP: updating the kernel's allowed subnets failed: {}", e.full());
+                    error!(
+                        "SIGHUP: updating the kernel's allowed subnets failed: {}",
+                        e.full()
+                    );
                 }
             }
             info!("SIGHUP: reloaded {} ({n} subnets)", path.display());

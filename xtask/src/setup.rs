@@ -47,7 +47,9 @@ fn apt(packages: &[&str]) -> Result<()> {
     }
     let list = missing.join(" ");
     if !is_root() {
-        bail!("missing Debian packages; run: sudo apt-get update && sudo apt-get install -y {list}");
+        bail!(
+            "missing Debian packages; run: sudo apt-get update && sudo apt-get install -y {list}"
+        );
     }
     step(&format!("installing Debian packages: {list}"));
     run(Command::new("apt-get")
@@ -84,12 +86,21 @@ fn bpf_linker() -> Result<()> {
         "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 75 s)"
     ));
     run(cargo()
-        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("PATH", build_path())
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     if !succeeds(Command::new(&bin).arg("--version")) {
-        bail!("bpf-linker was installed but does not run: {}", bin.display());
+        bail!(
+            "bpf-linker was installed but does not run: {}",
+            bin.display()
+        );
     }
     Ok(())
 }

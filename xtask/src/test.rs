@@ -34,8 +34,12 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
 
     step("unit tests");
     let mut unit = cargo();
-    unit.args(["test", "--release", "--workspace"])
-        .args(["--exclude", "mmproxy-ebpf", "--exclude", "mmproxy-tests"]);
+    unit.args(["test", "--release", "--workspace"]).args([
+        "--exclude",
+        "mmproxy-ebpf",
+        "--exclude",
+        "mmproxy-tests",
+    ]);
     if let Some(f) = filter {
         unit.args(["--", f]);
     }

@@ -32,7 +32,10 @@ pub enum EbpfError {
     #[error("loading the BPF object: {0}")]
     Load(#[source] Box<AyaError>),
     #[error("the BPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("loading or attaching program {program}: {source}")]
     Program {
         program: &'static str,
@@ -59,12 +62,14 @@ impl EbpfError {
         if matches!(self, EbpfError::NoObject) {
             return "rebuild with `cargo xtask build`";
         }
-        let denied = os_errors(self).any(|e| {
-            e.kind() == std::io::ErrorKind::PermissionDenied
-                || e.raw_os_error() == Some(libc::EPERM)
-        });
-        if denied {
+        // EPERM is a missing capability; EACCES from BPF_PROG_LOAD is the verifier.
+        let mut errnos = os_errors(self).filter_map(|e| e.raw_os_error());
+        if errnos.any(|n| n == libc::EPERM) {
             "needs CAP_BPF and CAP_NET_ADMIN (or root)"
+        } else if matches!(self, EbpfError::Program { .. })
+            && self.full().contains("Verifier output")
+        {
+            "the kernel's verifier rejected the program (see the verifier output above)"
         } else {
             "needs Linux >= 5.9 with BPF sk_lookup support"
         }
@@ -135,8 +140,14 @@ impl KernelSide {
         let mut config: Array<MapData, Config> = take(&mut ebpf, map_names::CONFIG)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, map_names::COUNTERS)?;
         let listeners: SockMap<MapData> = take(&mut ebpf, map_names::LISTENERS)?;
-        let mut allowed_v4 = SubnetTrie::new(take(&mut ebpf, map_names::ALLOWED_V4)?, map_names::ALLOWED_V4);
-        let mut allowed_v6 = SubnetTrie::new(take(&mut ebpf, map_names::ALLOWED_V6)?, map_names::ALLOWED_V6);
+        let mut allowed_v4 = SubnetTrie::new(
+            take(&mut ebpf, map_names::ALLOWED_V4)?,
+            map_names::ALLOWED_V4,
+        );
+        let mut allowed_v6 = SubnetTrie::new(
+            take(&mut ebpf, map_names::ALLOWED_V6)?,
+            map_names::ALLOWED_V6,
+        );
 
         // Maps are filled before the program is attached, so the very first lookup it
         // sees already runs with the full policy.
@@ -186,7 +197,10 @@ impl KernelSide {
     }
 
     /// Swaps the allow-list (SIGHUP). `None` allows everyone.
-    pub fn set_allowed(&mut self, allowed: Option<(&[Ipv4Net], &[Ipv6Net])>) -> Result<(), EbpfError> {
+    pub fn set_allowed(
+        &mut self,
+        allowed: Option<(&[Ipv4Net], &[Ipv6Net])>,
+    ) -> Result<(), EbpfError> {
         let mut cfg = self
             .config
             .get(&0, 0)
@@ -216,7 +230,11 @@ impl KernelSide {
     }
 
     /// Puts a listening socket where rules with `sock_index == index` steer to.
-    pub fn register_listener<S: AsRawFd>(&mut self, index: u32, socket: &S) -> Result<(), EbpfError> {
+    pub fn register_listener<S: AsRawFd>(
+        &mut self,
+        index: u32,
+        socket: &S,
+    ) -> Result<(), EbpfError> {
         self.listeners
             .set(index, socket, 0)
             .map_err(|source| map_err(map_names::LISTENERS, source))
@@ -258,7 +276,9 @@ fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
 where
     M: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
     M::try_from(map).map_err(|source| map_err(name, source))
 }
 

@@ -12,7 +12,10 @@ use crate::cli::{ListenSpec, Protocol};
 /// One rule per `-l` entry. Ranges are steered to `LISTENERS[index]` (the daemon
 /// listens on the range's first port and registers that socket there); single ports
 /// are found by the kernel's normal lookup, which keeps SO_REUSEPORT balancing.
-pub fn listen_rules(specs: &[ListenSpec], protocol: Protocol) -> Result<Vec<ListenRule>, EbpfError> {
+pub fn listen_rules(
+    specs: &[ListenSpec],
+    protocol: Protocol,
+) -> Result<Vec<ListenRule>, EbpfError> {
     if specs.len() > MAX_LISTEN_RULES as usize {
         return Err(EbpfError::TooManyRules {
             given: specs.len(),
@@ -77,13 +80,22 @@ mod tests {
 
     #[test]
     fn specific_v6_range_is_steered() {
-        let r = listen_rules(&[spec("0.0.0.0:1"), spec("[2001:db8::1]:20000-20999")], Protocol::Udp)
-            .unwrap();
+        let r = listen_rules(
+            &[spec("0.0.0.0:1"), spec("[2001:db8::1]:20000-20999")],
+            Protocol::Udp,
+        )
+        .unwrap();
         assert_eq!(r[1].family, FAMILY_V6);
         assert_eq!(r[1].protocol, PROTO_UDP);
         assert_eq!(r[1].flags, RULE_STEER);
         assert_eq!(r[1].sock_index, 1);
-        assert_eq!(r[1].addr, "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            r[1].addr,
+            "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
         assert_eq!((r[1].port_lo, r[1].port_hi), (20000, 20999));
     }
 

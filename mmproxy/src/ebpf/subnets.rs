@@ -70,7 +70,10 @@ mod tests {
     fn keys_clear_host_bits() {
         let n: Ipv4Net = "192.0.2.77/24".parse().unwrap();
         let k = v4_keys([&n]);
-        assert_eq!(k.into_iter().collect::<Vec<_>>(), vec![([192, 0, 2, 0], 24)]);
+        assert_eq!(
+            k.into_iter().collect::<Vec<_>>(),
+            vec![([192, 0, 2, 0], 24)]
+        );
         let n6: Ipv6Net = "2001:db8::1/32".parse().unwrap();
         let k6 = v6_keys([&n6]);
         let (addr, len) = k6.into_iter().next().unwrap();
