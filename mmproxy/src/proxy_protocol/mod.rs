@@ -146,22 +146,14 @@ pub enum Decoded<'a> {
 }
 
 /// Decodes a header from the start of `buf`. See the [module docs](self).
+#[inline]
 pub fn decode<'a>(buf: &'a [u8], opts: &DecodeOptions) -> Result<Decoded<'a>, Invalid> {
     match buf.first() {
         None => Ok(Decoded::NeedMore {
             at_least: v1::MIN_LEN.min(v2::FIXED_LEN),
         }),
         Some(b'P') if opts.transport == Expect::Datagram => Err(Invalid::V1OnDatagram),
-        Some(b'P') => match v1::decode(buf) {
-            Ok((header, len)) => Ok(Decoded::Complete { header, len }),
-            Err(None) => Ok(Decoded::NeedMore {
-                at_least: (buf.len() + 1).max(v1::MIN_LEN),
-            }),
-            Err(Some(e)) => Err(e),
-        },
-        Some(_) => match v2::decode(buf, opts.transport, opts.max_header_len)? {
-            Ok((header, len)) => Ok(Decoded::Complete { header, len }),
-            Err(at_least) => Ok(Decoded::NeedMore { at_least }),
-        },
+        Some(b'P') => v1::decode(buf),
+        Some(_) => v2::decode(buf, opts.transport, opts.max_header_len),
     }
 }

@@ -83,6 +83,7 @@ pub struct Tlvs<'a> {
 /// Splits one TLV off the front: `Ok(None)` at the end, `Err((left, None))` when fewer than
 /// three bytes remain, `Err((left, Some((kind, len))))` when the value overruns.
 #[allow(clippy::type_complexity)]
+#[inline]
 fn split(buf: &[u8]) -> Result<Option<(RawTlv<'_>, &[u8])>, (usize, Option<(u8, usize)>)> {
     match buf {
         [] => Ok(None),
@@ -112,6 +113,7 @@ fn parse_ssl(value: &[u8]) -> Result<Ssl<'_>, Invalid> {
     }
 }
 
+#[inline]
 fn typed_ssl(raw: RawTlv<'_>) -> Result<SslTlv<'_>, Invalid> {
     Ok(match raw.kind {
         kind::SSL_VERSION => SslTlv::Version(utf8(raw.value, "SSL VERSION")?),
@@ -123,6 +125,7 @@ fn typed_ssl(raw: RawTlv<'_>) -> Result<SslTlv<'_>, Invalid> {
     })
 }
 
+#[inline]
 fn typed(raw: RawTlv<'_>) -> Result<Tlv<'_>, Invalid> {
     Ok(match raw.kind {
         kind::ALPN => Tlv::Alpn(raw.value),
@@ -142,14 +145,32 @@ fn typed(raw: RawTlv<'_>) -> Result<Tlv<'_>, Invalid> {
     })
 }
 
-fn validate_ssl(ssl: &Ssl<'_>) -> Result<(), Invalid> {
+/// Most string TLVs are ASCII; `is_ascii` is much cheaper than full UTF-8 validation.
+#[inline]
+fn check_utf8(value: &[u8], name: &'static str) -> Result<(), Invalid> {
+    if value.is_ascii() || std::str::from_utf8(value).is_ok() {
+        Ok(())
+    } else {
+        Err(Invalid::V2NotUtf8(name))
+    }
+}
+
+fn check_ssl(value: &[u8]) -> Result<(), Invalid> {
+    let ssl = parse_ssl(value)?;
     let mut rest = ssl.sub;
     loop {
         let offset = ssl.sub.len() - rest.len();
         match split(rest) {
             Ok(None) => return Ok(()),
             Ok(Some((raw, tail))) => {
-                typed_ssl(raw)?;
+                match raw.kind {
+                    kind::SSL_VERSION => check_utf8(raw.value, "SSL VERSION")?,
+                    kind::SSL_CN => check_utf8(raw.value, "SSL CN")?,
+                    kind::SSL_CIPHER => check_utf8(raw.value, "SSL CIPHER")?,
+                    kind::SSL_SIG_ALG => check_utf8(raw.value, "SSL SIG_ALG")?,
+                    kind::SSL_KEY_ALG => check_utf8(raw.value, "SSL KEY_ALG")?,
+                    _ => {}
+                }
                 rest = tail;
             }
             Err((left, None)) => return Err(Invalid::V2SslSubTlvTruncated { offset, left }),
@@ -158,6 +179,26 @@ fn validate_ssl(ssl: &Ssl<'_>) -> Result<(), Invalid> {
             }
         }
     }
+}
+
+/// Checks one TLV so that [`typed`] cannot fail on it later. Returns the CRC32C value
+/// when this is the checksum TLV.
+#[inline]
+fn check(raw: RawTlv<'_>) -> Result<Option<u32>, Invalid> {
+    match raw.kind {
+        kind::AUTHORITY => check_utf8(raw.value, "AUTHORITY")?,
+        kind::CRC32C => match raw.value {
+            [a, b, c, d] => return Ok(Some(u32::from_be_bytes([*a, *b, *c, *d]))),
+            _ => return Err(Invalid::V2Crc32cLength(raw.value.len())),
+        },
+        kind::UNIQUE_ID if raw.value.len() > MAX_UNIQUE_ID_LEN => {
+            return Err(Invalid::V2UniqueIdTooLong(raw.value.len()))
+        }
+        kind::SSL => check_ssl(raw.value)?,
+        kind::NETNS => check_utf8(raw.value, "NETNS")?,
+        _ => {}
+    }
+    Ok(None)
 }
 
 /// Checks the TLVs of a complete header, `header[start..]`, and its CRC32C if present.
@@ -170,11 +211,11 @@ pub(super) fn validate(header: &[u8], start: usize) -> Result<Tlvs<'_>, Invalid>
         match split(rest) {
             Ok(None) => break,
             Ok(Some((raw, tail))) => {
-                match typed(raw)? {
-                    Tlv::Crc32c(_) if crc.is_some() => return Err(Invalid::V2Crc32cDuplicate),
-                    Tlv::Crc32c(value) => crc = Some((offset + 3, value)),
-                    Tlv::Ssl(ssl) => validate_ssl(&ssl)?,
-                    _ => {}
+                if let Some(value) = check(raw)? {
+                    if crc.is_some() {
+                        return Err(Invalid::V2Crc32cDuplicate);
+                    }
+                    crc = Some((offset + 3, value));
                 }
                 rest = tail;
             }
@@ -217,11 +258,13 @@ impl<'a> Tlvs<'a> {
     }
 
     /// Typed views, in wire order.
+    #[inline]
     pub fn iter(&self) -> TlvIter<'a> {
         TlvIter { rest: self.raw }
     }
 
     /// The TLVs as type and value bytes, in wire order.
+    #[inline]
     pub fn raw(&self) -> RawTlvIter<'a> {
         RawTlvIter { rest: self.raw }
     }
@@ -290,6 +333,7 @@ pub struct RawTlvIter<'a> {
 
 impl<'a> Iterator for RawTlvIter<'a> {
     type Item = RawTlv<'a>;
+    #[inline]
     fn next(&mut self) -> Option<RawTlv<'a>> {
         let (raw, rest) = split(self.rest).ok().flatten()?;
         self.rest = rest;
@@ -304,6 +348,7 @@ pub struct TlvIter<'a> {
 
 impl<'a> Iterator for TlvIter<'a> {
     type Item = Tlv<'a>;
+    #[inline]
     fn next(&mut self) -> Option<Tlv<'a>> {
         let (raw, rest) = split(self.rest).ok().flatten()?;
         self.rest = rest;
@@ -344,6 +389,7 @@ pub struct SslIter<'a> {
 
 impl<'a> Iterator for SslIter<'a> {
     type Item = SslTlv<'a>;
+    #[inline]
     fn next(&mut self) -> Option<SslTlv<'a>> {
         let (raw, rest) = split(self.rest).ok().flatten()?;
         self.rest = rest;

@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use super::error::{Invalid, V1Field};
 use super::header::{Addresses, Command, Family, Header, Transport, Version};
 use super::tlv::Tlvs;
+use super::Decoded;
 
 /// Longest line the spec allows, CRLF included.
 pub const MAX_LEN: usize = 107;
@@ -32,14 +33,16 @@ impl From<Invalid> for Stop {
     }
 }
 
-/// `Ok((header, len))`, `Err(None)` for "need more", `Err(Some(e))` when invalid.
-pub(super) fn decode(buf: &[u8]) -> Result<(Header<'static>, usize), Option<Invalid>> {
+pub(super) fn decode(buf: &[u8]) -> Result<Decoded<'static>, Invalid> {
     let window = buf.get(..MAX_LEN).unwrap_or(buf);
     match Line::new(window).parse() {
-        Ok(done) => Ok(done),
-        Err(Stop::Invalid(e)) => Err(Some(e)),
-        Err(Stop::Incomplete) if buf.len() >= MAX_LEN => Err(Some(Invalid::V1NoCrlf)),
-        Err(Stop::Incomplete) => Err(None),
+        Ok((header, len)) => Ok(Decoded::Complete { header, len }),
+        Err(Stop::Invalid(e)) => Err(e),
+        Err(Stop::Incomplete) if buf.len() >= MAX_LEN => Err(Invalid::V1NoCrlf),
+        // Only a lower bound: the line's length is unknown until its CRLF.
+        Err(Stop::Incomplete) => Ok(Decoded::NeedMore {
+            at_least: (buf.len() + 1).max(MIN_LEN),
+        }),
     }
 }
 
@@ -199,10 +202,10 @@ impl<'a> Line<'a> {
         want: End,
         check: impl Fn(&[u8], bool) -> Result<Option<T>, Invalid>,
     ) -> Result<T, Stop> {
-        let partial = self.partial();
         let (token, end) = match self.token(field) {
             Err(Stop::Incomplete) => {
-                check(partial, false)?;
+                // `token` does not advance on Incomplete, so this is the same token.
+                check(self.partial(), false)?;
                 return Err(Stop::Incomplete);
             }
             other => other?,
@@ -216,9 +219,9 @@ impl<'a> Line<'a> {
     }
 
     fn protocol(&mut self) -> Result<(Proto, End), Stop> {
-        let partial = self.partial();
         let (token, end) = match self.token(V1Field::Protocol) {
             Err(Stop::Incomplete) => {
+                let partial = self.partial();
                 let known = [Proto::Tcp4, Proto::Tcp6, Proto::Unknown];
                 if known
                     .iter()

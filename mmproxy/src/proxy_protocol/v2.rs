@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use super::error::Invalid;
 use super::header::{Addresses, Command, Family, Header, Transport, UnixAddr, Version};
-use super::{tlv, Expect};
+use super::{tlv, Decoded, Expect};
 
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Signature, version/command, family/transport and the 2-byte length.
@@ -15,14 +15,17 @@ pub const FIXED_LEN: usize = 16;
 /// The largest header the length field can describe.
 pub const MAX_LEN: usize = FIXED_LEN + u16::MAX as usize;
 
-/// `Ok(Ok((header, len)))`, `Ok(Err(at_least))` for "need more", or `Err` when invalid.
 pub(super) fn decode<'a>(
     buf: &'a [u8],
     expect: Expect,
     max_len: usize,
-) -> Result<Result<(Header<'a>, usize), usize>, Invalid> {
-    let seen = buf.get(..SIGNATURE.len()).unwrap_or(buf);
-    if !SIGNATURE.starts_with(seen) {
+) -> Result<Decoded<'a>, Invalid> {
+    // The fixed-size compare is two loads; a slice compare would call memcmp.
+    let signature_ok = match buf.first_chunk::<12>() {
+        Some(sig) => *sig == SIGNATURE,
+        None => SIGNATURE.starts_with(buf),
+    };
+    if !signature_ok {
         return Err(Invalid::NotProxyProtocol);
     }
     let command = match buf.get(12) {
@@ -36,7 +39,9 @@ pub(super) fn decode<'a>(
     let (Some(command), Some((family, transport)), Some(&hi), Some(&lo)) =
         (command, kind, buf.get(14), buf.get(15))
     else {
-        return Ok(Err(FIXED_LEN));
+        return Ok(Decoded::NeedMore {
+            at_least: FIXED_LEN,
+        });
     };
     let body_len = u16::from_be_bytes([hi, lo]);
     let total = FIXED_LEN + usize::from(body_len);
@@ -59,7 +64,7 @@ pub(super) fn decode<'a>(
         });
     }
     let Some(header) = buf.get(..total) else {
-        return Ok(Err(total));
+        return Ok(Decoded::NeedMore { at_least: total });
     };
     let block = header
         .get(FIXED_LEN..FIXED_LEN + block_len)
@@ -74,7 +79,7 @@ pub(super) fn decode<'a>(
         addresses,
         tlvs,
     };
-    Ok(Ok((header, total)))
+    Ok(Decoded::Complete { header, len: total })
 }
 
 fn command(b: u8) -> Result<Command, Invalid> {
