@@ -239,12 +239,32 @@ pub(super) fn validate(header: &[u8], start: usize) -> Result<Tlvs<'_>, Invalid>
     Ok(Tlvs { raw: area })
 }
 
-/// CRC32C of `header` with the four bytes at `at` taken as zero, without copying it.
+/// Staging buffer for [`crc32c_with_hole`]. The CRC routine works a byte at a time up to
+/// the first 8-byte boundary and after the last one, so an aligned copy of the header
+/// hashed in one call is about twice as fast as hashing the three unaligned pieces
+/// around the hole.
+#[repr(align(8))]
+struct Aligned([u8; 256]);
+
+/// CRC32C of `header` with the four bytes at `at` taken as zero, without allocating.
 pub(super) fn crc32c_with_hole(header: &[u8], at: usize) -> u32 {
-    let before = header.get(..at).unwrap_or_default();
-    let after = header.get(at + 4..).unwrap_or_default();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(before), &[0; 4]);
-    crc32c::crc32c_append(crc, after)
+    let mut staging = Aligned([0; 256]);
+    let mut crc = 0;
+    let mut base = 0;
+    for part in header.chunks(staging.0.len()) {
+        let Some(buf) = staging.0.get_mut(..part.len()) else {
+            break;
+        };
+        buf.copy_from_slice(part);
+        for hole in at..at + 4 {
+            if let Some(b) = hole.checked_sub(base).and_then(|i| buf.get_mut(i)) {
+                *b = 0;
+            }
+        }
+        crc = crc32c::crc32c_append(crc, buf);
+        base += part.len();
+    }
+    crc
 }
 
 impl<'a> Tlvs<'a> {

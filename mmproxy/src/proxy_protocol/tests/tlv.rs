@@ -10,14 +10,21 @@ fn base() -> V2Builder {
 #[test]
 fn crc32c_check_value() {
     assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
-    // And the hole-punching variant agrees with zeroing by hand.
-    let data = b"0123456789abcdef";
-    let mut zeroed = *data;
-    zeroed[5..9].fill(0);
-    assert_eq!(
-        crate::proxy_protocol::tlv::crc32c_with_hole(data, 5),
-        crc32c::crc32c(&zeroed)
-    );
+}
+
+#[test]
+fn crc32c_with_the_field_zeroed_matches_zeroing_by_hand() {
+    // Every hole position, including across the staging buffer's 256-byte chunks.
+    let data: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
+    for at in 0..data.len() - 4 {
+        let mut zeroed = data.clone();
+        zeroed[at..at + 4].fill(0);
+        assert_eq!(
+            crate::proxy_protocol::tlv::crc32c_with_hole(&data, at),
+            crc32c::crc32c(&zeroed),
+            "hole at {at}"
+        );
+    }
 }
 
 #[test]
