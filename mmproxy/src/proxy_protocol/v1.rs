@@ -287,38 +287,47 @@ fn ipv4(token: &[u8], done: bool, field: V1Field) -> Result<Option<Ipv4Addr>, In
     if token.len() > LONGEST_IPV4 {
         return Err(bad);
     }
-    let parts = token.iter().filter(|&&b| b == b'.').count() + 1;
-    if parts > 4 {
-        return Err(bad);
-    }
+    // One pass over the token: it sits on every v1 connection's path.
     let mut octets = [0u8; 4];
-    for (i, part) in token.split(|&b| b == b'.').enumerate() {
-        // Only the octet still being typed may be empty in a partial token.
-        if part.is_empty() && (done || i + 1 < parts) {
-            return Err(bad);
-        }
-        if part.len() > 1 && part.first() == Some(&b'0') {
-            return Err(Invalid::V1LeadingZeroOctet(field));
-        }
-        let mut value: u16 = 0;
-        for &b in part {
-            if !b.is_ascii_digit() {
-                return Err(bad);
+    let mut index = 0;
+    let mut value: u16 = 0;
+    let mut digits = 0;
+    for &b in token {
+        match b {
+            b'0'..=b'9' => {
+                if digits == 1 && value == 0 {
+                    return Err(Invalid::V1LeadingZeroOctet(field));
+                }
+                value = value * 10 + u16::from(b - b'0');
+                digits += 1;
+                if value > 255 {
+                    return Err(bad);
+                }
             }
-            value = value * 10 + u16::from(b - b'0');
-            if value > 255 {
-                return Err(bad);
+            b'.' => {
+                let (Some(slot), Ok(v), true) =
+                    (octets.get_mut(index), u8::try_from(value), digits > 0)
+                else {
+                    return Err(bad);
+                };
+                *slot = v;
+                index += 1;
+                value = 0;
+                digits = 0;
             }
+            _ => return Err(bad),
         }
-        if let (Some(slot), Ok(v)) = (octets.get_mut(i), u8::try_from(value)) {
-            *slot = v;
-        }
+    }
+    // A fifth octet is already hopeless; anything else may still be typed.
+    if index > 3 {
+        return Err(bad);
     }
     if !done {
         return Ok(None);
     }
-    if parts != 4 {
-        return Err(bad);
+    match (octets.get_mut(3), u8::try_from(value)) {
+        (Some(last), Ok(v)) if index == 3 && digits > 0 => *last = v,
+        _ => return Err(bad),
     }
     Ok(Some(Ipv4Addr::from(octets)))
 }
