@@ -61,8 +61,8 @@ fn main() -> Result<()> {
     );
     println!();
     println!(
-        "  {:<8} {:<34} {:<34} {}",
-        "PROXY", "client connected from", "service saw a connection from", ""
+        "  {:<8} {:<34} {:<34} result",
+        "PROXY", "client connected from", "service saw a connection from"
     );
     for (version, port, _) in versions {
         for (client, front) in [(CLIENT_V4, FRONT_V4), (CLIENT_V6, FRONT_V6)] {
