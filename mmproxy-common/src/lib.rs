@@ -15,11 +15,16 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const COUNTERS: &str = "COUNTERS";
     pub const LISTENERS: &str = "LISTENERS";
+    pub const FLOWS: &str = "FLOWS";
 }
 
 /// Names of the programs in the BPF object.
 pub mod program_names {
     pub const SK_LOOKUP: &str = "mmproxy_sk_lookup";
+    /// tc egress on the default-route interface(s): answers generated on this host.
+    pub const TC_EGRESS: &str = "mmproxy_tc_egress";
+    /// tc ingress on interfaces towards services elsewhere (containers).
+    pub const TC_INGRESS: &str = "mmproxy_tc_ingress";
 }
 
 /// Capacity of each allowed-subnet trie. A BGP full table of a large proxy fleet is
@@ -73,6 +78,39 @@ pub struct Config {
     /// Non-zero when an allowed-subnets list is in force; zero allows every source,
     /// as go-mmproxy does without `--allowed-subnets`.
     pub filter_enabled: u32,
+    /// Mark the tc programs put on answers of live flows (`--return-mark`); a
+    /// `fwmark` rule routes them to the local table.
+    pub return_mark: u32,
+    /// Index of `lo` in the daemon's namespace: where tc egress redirects answers
+    /// generated on this host.
+    pub lo_ifindex: u32,
+}
+
+/// Default capacity of `FLOWS`; the daemon sizes it from `--max-connections` and
+/// `--max-flows` at load time.
+pub const MAX_FLOWS: u32 = 131_072;
+
+/// One live mmproxy flow, as its *answers* look: the service (`src`) replying to the
+/// client address mmproxy's upstream socket is bound to (`dst`). The tc programs
+/// build this key from each packet and act only on packets whose key is in `FLOWS`;
+/// sk_lookup uses it to leave answers to mmproxy's own UDP sockets alone.
+///
+/// Addresses and ports are in network byte order (as in the packet); IPv4 uses the
+/// first four bytes of each address. For UDP `src_addr` is all zeros: a service
+/// bound to 0.0.0.0 answers from whatever address routing picks, not necessarily
+/// the one mmproxy sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub protocol: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Indices into the per-CPU `COUNTERS` array.
@@ -90,16 +128,22 @@ pub enum Counter {
     Steered = 4,
     /// Steering failed (empty slot, family mismatch): the lookup fell through.
     SteerFailed = 5,
+    /// tc marked an answer of a live flow arriving from elsewhere (ingress).
+    ReturnMarked = 6,
+    /// tc marked an answer generated on this host and redirected it into `lo`.
+    ReturnRedirected = 7,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 8] = [
         Counter::RefusedV4,
         Counter::RefusedV6,
         Counter::AllowedV4,
         Counter::AllowedV6,
         Counter::Steered,
         Counter::SteerFailed,
+        Counter::ReturnMarked,
+        Counter::ReturnRedirected,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -110,6 +154,8 @@ impl Counter {
             Counter::AllowedV6 => "kernel_allowed_v6",
             Counter::Steered => "kernel_steered",
             Counter::SteerFailed => "kernel_steer_failed",
+            Counter::ReturnMarked => "kernel_return_marked",
+            Counter::ReturnRedirected => "kernel_return_redirected",
         }
     }
 }
@@ -122,6 +168,7 @@ mod user {
     // SAFETY: both are `#[repr(C)]`, `Pod` (no padding holes, every bit pattern valid).
     unsafe impl aya::Pod for super::ListenRule {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 #[cfg(test)]
@@ -144,9 +191,24 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
         assert_eq!(offset_of!(Config, rule_count), 0);
         assert_eq!(offset_of!(Config, filter_enabled), 4);
+        assert_eq!(offset_of!(Config, return_mark), 8);
+        assert_eq!(offset_of!(Config, lo_ifindex), 12);
+    }
+
+    #[test]
+    fn flow_key_layout() {
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(align_of::<FlowKey>(), 2);
+        assert_eq!(offset_of!(FlowKey, src_addr), 0);
+        assert_eq!(offset_of!(FlowKey, dst_addr), 16);
+        assert_eq!(offset_of!(FlowKey, src_port), 32);
+        assert_eq!(offset_of!(FlowKey, dst_port), 34);
+        assert_eq!(offset_of!(FlowKey, family), 36);
+        assert_eq!(offset_of!(FlowKey, protocol), 37);
+        assert_eq!(offset_of!(FlowKey, _pad), 38);
     }
 
     #[test]

@@ -6,20 +6,31 @@
 //! chosen — a refused proxy never reaches accept() or recvmsg() — and can steer the
 //! lookup to a listener held in `LISTENERS`, so one socket serves a whole port range.
 //! Lookups that match no rule are passed untouched.
+//!
+//! `mmproxy_tc_egress` and `mmproxy_tc_ingress` recognise answers of live mmproxy
+//! flows (the daemon keeps them in `FLOWS`) on the return path and mark them, so a
+//! `fwmark` rule delivers them to mmproxy's transparent upstream socket instead of
+//! routing them out; answers generated on this host are also redirected into `lo`,
+//! since a mark set after the output route lookup cannot change that route any more.
+//! Packets that are not answers of live flows are never modified.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
-    macros::{map, sk_lookup},
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
-    programs::SkLookupContext,
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_INGRESS, BPF_F_NO_PREALLOC, TC_ACT_UNSPEC,
+    },
+    helpers::bpf_redirect,
+    macros::{classifier, map, sk_lookup},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use core::ptr::read_volatile;
 use mmproxy_common::{
-    Config, Counter, ListenRule, COUNTER_SLOTS, FAMILY_V4, FAMILY_V6, MAX_ALLOWED_SUBNETS,
-    MAX_LISTENERS, MAX_LISTEN_RULES, RULE_ANY_ADDR, RULE_STEER,
+    Config, Counter, FlowKey, ListenRule, COUNTER_SLOTS, FAMILY_V4, FAMILY_V6, MAX_ALLOWED_SUBNETS,
+    MAX_FLOWS, MAX_LISTENERS, MAX_LISTEN_RULES, PROTO_TCP, PROTO_UDP, RULE_ANY_ADDR, RULE_STEER,
 };
 
 const AF_INET: u32 = 2;
@@ -43,6 +54,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(MAX_LISTENERS, 0);
 
+/// Live flows, keyed as their answers look. Not preallocated: most of the time it
+/// holds far fewer entries than its capacity.
+#[map]
+static FLOWS: HashMap<FlowKey, u8> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
+
 #[sk_lookup]
 pub fn mmproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
     decide(&ctx)
@@ -55,6 +71,8 @@ struct Lookup {
     remote: [u8; 16],
     local: [u8; 16],
     local_port: u16,
+    /// Network byte order, as in the packet.
+    remote_port: u16,
 }
 
 fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
@@ -103,12 +121,14 @@ fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
     let protocol = unsafe { read_volatile(&raw const (*l).protocol) };
     // Host byte order, unlike remote_port.
     let local_port = unsafe { read_volatile(&raw const (*l).local_port) };
+    let remote_port = unsafe { read_volatile(&raw const (*l).remote_port) };
     Some(Lookup {
         family,
         protocol: protocol as u8,
         remote,
         local,
         local_port: local_port as u16,
+        remote_port,
     })
 }
 
@@ -122,6 +142,13 @@ fn decide(ctx: &SkLookupContext) -> u32 {
     let Some(rule) = matching_rule(&lookup, config.rule_count) else {
         return SK_PASS;
     };
+    // A service's answer to one of mmproxy's UDP upstream sockets can match a
+    // wildcard listen rule (the client's port inside a listened range): it is not a
+    // proxy's datagram, and the normal lookup must find the upstream socket. (TCP
+    // answers never get here: the established socket is found before sk_lookup.)
+    if lookup.protocol == PROTO_UDP && is_flow_answer(&lookup) {
+        return SK_PASS;
+    }
 
     if config.filter_enabled != 0 && !source_allowed(&lookup) {
         if lookup.family == FAMILY_V4 {
@@ -157,7 +184,13 @@ fn decide(ctx: &SkLookupContext) -> u32 {
         // A failed assignment (empty slot while the daemon restarts, a socket of the
         // other family) falls through to the normal lookup rather than dropping.
         match LISTENERS.redirect_sk_lookup(ctx, rule.sock_index, 0) {
-            Ok(()) => count(Counter::Steered),
+            Ok(()) => {
+                count(Counter::Steered);
+                debug!(
+                    ctx,
+                    "steered port {} to listener {}", lookup.local_port, rule.sock_index
+                );
+            }
             Err(_) => count(Counter::SteerFailed),
         }
     }
@@ -200,10 +233,129 @@ fn source_allowed(lookup: &Lookup) -> bool {
     }
 }
 
+fn is_flow_answer(lookup: &Lookup) -> bool {
+    let key = FlowKey {
+        // UDP flows are registered without the service's address (see FlowKey).
+        src_addr: [0; 16],
+        dst_addr: lookup.local,
+        src_port: lookup.remote_port,
+        dst_port: lookup.local_port.to_be(),
+        family: lookup.family,
+        protocol: lookup.protocol,
+        _pad: [0; 2],
+    };
+    FLOWS.get_ptr(&key).is_some()
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+/// Answers generated on this host, leaving through the default-route interface:
+/// mark, make the frame addressed to `lo` (all-zero MAC), and redirect it into `lo`'s
+/// ingress, where the `fwmark` rule and the local route deliver it.
+#[classifier]
+pub fn mmproxy_tc_egress(ctx: TcContext) -> i32 {
+    let Some(config) = CONFIG.get(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    if !is_live_answer(&ctx) {
+        return TC_ACT_UNSPEC;
+    }
+    ctx.set_mark(config.return_mark);
+    if ctx.store(0, &[0u8; 6], 0).is_err() {
+        return TC_ACT_UNSPEC;
+    }
+    count(Counter::ReturnRedirected);
+    // SAFETY: a plain helper call; on failure the packet continues unchanged but
+    // for its mark and MAC, and is routed out as it would have been.
+    unsafe { bpf_redirect(config.lo_ifindex, u64::from(BPF_F_INGRESS)) as i32 }
+}
+
+/// Answers arriving from a service elsewhere (a container behind a veth, with this
+/// host as its gateway): marking is enough, routing input happens after tc ingress.
+#[classifier]
+pub fn mmproxy_tc_ingress(ctx: TcContext) -> i32 {
+    let Some(config) = CONFIG.get(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    if is_live_answer(&ctx) {
+        ctx.set_mark(config.return_mark);
+        count(Counter::ReturnMarked);
+    }
+    TC_ACT_UNSPEC
+}
+
+/// Whether the (Ethernet) frame is a TCP or UDP packet whose tuple is in `FLOWS`.
+/// IPv6 extension headers and non-first IPv4 fragments are not parsed: answers of a
+/// local service carry neither in practice, and such packets are left alone.
+fn is_live_answer(ctx: &TcContext) -> bool {
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return false;
+    };
+    let mut key = FlowKey::default();
+    let l4 = match u16::from_be(ethertype) {
+        ETH_P_IP => {
+            let Ok(ver_ihl) = ctx.load::<u8>(ETH_HLEN) else {
+                return false;
+            };
+            let Ok(frag) = ctx.load::<u16>(ETH_HLEN + 6) else {
+                return false;
+            };
+            // Fragment offset non-zero: no ports in this packet.
+            if u16::from_be(frag) & 0x1fff != 0 {
+                return false;
+            }
+            let Ok(proto) = ctx.load::<u8>(ETH_HLEN + 9) else {
+                return false;
+            };
+            let Ok(src) = ctx.load::<[u8; 4]>(ETH_HLEN + 12) else {
+                return false;
+            };
+            let Ok(dst) = ctx.load::<[u8; 4]>(ETH_HLEN + 16) else {
+                return false;
+            };
+            key.family = FAMILY_V4;
+            key.protocol = proto;
+            key.src_addr[..4].copy_from_slice(&src);
+            key.dst_addr[..4].copy_from_slice(&dst);
+            ETH_HLEN + usize::from(ver_ihl & 0x0f) * 4
+        }
+        ETH_P_IPV6 => {
+            let Ok(next) = ctx.load::<u8>(ETH_HLEN + 6) else {
+                return false;
+            };
+            let Ok(src) = ctx.load::<[u8; 16]>(ETH_HLEN + 8) else {
+                return false;
+            };
+            let Ok(dst) = ctx.load::<[u8; 16]>(ETH_HLEN + 24) else {
+                return false;
+            };
+            key.family = FAMILY_V6;
+            key.protocol = next;
+            key.src_addr = src;
+            key.dst_addr = dst;
+            ETH_HLEN + 40
+        }
+        _ => return false,
+    };
+    if key.protocol == PROTO_UDP {
+        key.src_addr = [0; 16];
+    } else if key.protocol != PROTO_TCP {
+        return false;
+    }
+    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
+        return false;
+    };
+    key.src_port = ports[0];
+    key.dst_port = ports[1];
+    FLOWS.get_ptr(&key).is_some()
+}
+
 fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, and sk_lookup runs with preemption disabled, so
-        // nothing else writes it concurrently.
+        // SAFETY: per-CPU slot, and BPF programs run with migration disabled; a
+        // lost increment from a nested program on the same CPU is acceptable.
         unsafe { *slot += 1 };
     }
 }
