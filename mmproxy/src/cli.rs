@@ -112,6 +112,12 @@ pub struct Args {
     #[arg(long = "return-mark", default_value_t = 0x6d6d_7078)]
     pub return_mark: u32,
 
+    /// Also steer answers of live flows that leave or arrive through this interface
+    /// (repeatable; Ethernet-type only). By default mmproxy picks the default-route
+    /// interface for targets on this host and the interface towards other targets
+    #[arg(long = "return-interface", value_name = "IFACE")]
+    pub return_interfaces: Vec<String>,
+
     /// Kernel-side filtering and steering: auto (use when available), on (require), off
     #[arg(long = "ebpf", value_enum, default_value_t = EbpfMode::Auto)]
     pub ebpf: EbpfMode,

@@ -46,13 +46,21 @@ pub async fn run(args: Args) -> Result<()> {
         sockets.push(group);
     }
 
-    let kernel = start_kernel_side(&args, &allowed, &sockets)?;
+    let kernel = start_kernel_side(&args, &allowed, &sockets).await?;
+    let steering = kernel
+        .as_ref()
+        .and_then(|k| k.lock().ok())
+        .filter(|k| k.return_steering())
+        .map(|k| k.flows());
 
     let routes = if args.no_routing {
         None
     } else {
-        let plan =
+        let mut plan =
             RoutingPlan::for_targets(args.route_table, &[args.target4.addr, args.target6.addr]);
+        if steering.is_some() {
+            plan = plan.with_fwmark(args.return_mark);
+        }
         let installed = routing::install(&plan)
             .await
             .context("installing return-path routing (use --no-routing to manage it yourself)")?;
@@ -60,7 +68,9 @@ pub async fn run(args: Args) -> Result<()> {
         Some(installed)
     };
 
-    let ctx = Arc::new(TcpContext::from_args(&args, stats.clone()));
+    let mut ctx = TcpContext::from_args(&args, stats.clone());
+    ctx.flows = steering.clone();
+    let ctx = Arc::new(ctx);
     let limits = Arc::new(Semaphore::new(args.max_connections));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -123,17 +133,41 @@ pub async fn run(args: Args) -> Result<()> {
 
 type Kernel = Arc<std::sync::Mutex<KernelSide>>;
 
-fn start_kernel_side(
+/// Loads and attaches the kernel side, or explains why not. `sockets[i]` are the
+/// listening sockets (TCP or UDP) of `args.listen[i]`; for a port range the first
+/// one is put in the SOCKMAP the sk_lookup program steers the whole range to. With
+/// `--listeners N` that is the first socket of an SO_REUSEPORT group, and the kernel
+/// still spreads steered connections over the whole group.
+async fn start_kernel_side<S: std::os::fd::AsRawFd>(
     args: &Args,
     allowed: &SharedAllowList,
-    sockets: &[Vec<std::net::TcpListener>],
+    sockets: &[Vec<S>],
 ) -> Result<Option<Kernel>> {
     let needs_kernel = args.listen.iter().any(|l| l.is_range());
     if args.ebpf == EbpfMode::Off {
         if needs_kernel {
             bail!("port ranges in -l need the kernel side, but --ebpf off was given");
         }
+        if !args.return_interfaces.is_empty() {
+            bail!("--return-interface needs the kernel side, but --ebpf off was given");
+        }
         return Ok(None);
+    }
+    if args.mark != 0 && args.mark == args.return_mark {
+        bail!(
+            "--mark and --return-mark are both {:#x}: upstream packets would be routed back to this host",
+            args.mark
+        );
+    }
+    let return_path = ebpf::ifaces::choose(
+        &[args.target4.addr, args.target6.addr],
+        args.protocol == Protocol::Udp,
+        &args.return_interfaces,
+    )
+    .await
+    .context("choosing the interfaces for return-path steering")?;
+    for note in &return_path.notes {
+        warn!("return path: {note}");
     }
     let rules = ebpf::listen_rules(&args.listen, args.protocol)?;
     let current = allowed.current();
@@ -142,6 +176,11 @@ fn start_kernel_side(
         rules: &rules,
         allowed: current.as_ref().map(|_| (&v4[..], &v6[..])),
         verbose: args.verbose,
+        return_path: &return_path,
+        return_mark: args.return_mark,
+        flow_capacity: u32::try_from(args.max_connections.saturating_add(args.max_flows))
+            .unwrap_or(u32::MAX)
+            .min(1 << 22),
     };
     match KernelSide::load(&opts) {
         Ok(mut kernel) => {
@@ -151,11 +190,23 @@ fn start_kernel_side(
                 }
             }
             info!("kernel side attached: sk_lookup enforces allowed subnets before accept()");
+            if !return_path.is_empty() {
+                let list = |s: &std::collections::BTreeSet<String>| {
+                    s.iter().cloned().collect::<Vec<_>>().join(",")
+                };
+                info!(
+                    egress = %list(&return_path.egress),
+                    ingress = %list(&return_path.ingress),
+                    mark = %format!("{:#x}", args.return_mark),
+                    "return path: tc steers answers of live flows to the local table"
+                );
+            }
             Ok(Some(Arc::new(std::sync::Mutex::new(kernel))))
         }
         Err(e) if args.ebpf == EbpfMode::Auto && !needs_kernel => {
             warn!(
-                "kernel side unavailable ({}; {}); allowed subnets are enforced in userspace only",
+                "kernel side unavailable ({}; {}); allowed subnets are enforced in userspace only \
+                 and return traffic is routed only for loopback targets",
                 e.full(),
                 e.hint()
             );

@@ -272,6 +272,7 @@ mod tests {
             header_timeout: Duration::from_secs(2),
             max_header_len: 4096,
             stats: Arc::new(Stats::default()),
+            flows: None,
         })
     }
 

@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::addr::{ClientAddr, ProxyAddr, UpstreamAddr};
 use crate::cli::{Args, TargetSpec};
+use crate::ebpf::{FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 use crate::logging::CONN_TARGET;
 use crate::proxy_protocol::{self, DecodeOptions, Decoded, Endpoints, Expect, Invalid};
 use crate::stats::Stats;
@@ -34,6 +35,9 @@ pub struct TcpContext {
     /// Largest v2 header accepted; also the size of the per-connection header buffer.
     pub max_header_len: usize,
     pub stats: Arc<Stats>,
+    /// When the kernel side steers return traffic: every transparent upstream
+    /// connection is registered here before its SYN leaves, for as long as it lives.
+    pub flows: Option<Arc<dyn FlowRegistry>>,
 }
 
 impl TcpContext {
@@ -48,6 +52,7 @@ impl TcpContext {
             header_timeout: args.header_timeout,
             max_header_len: args.max_header_len,
             stats,
+            flows: None,
         }
     }
 
@@ -98,7 +103,18 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
     };
     debug!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to, "header received");
 
-    let upstream = match upstream::connect(from, to, &ctx.upstream).await {
+    let connected = match &ctx.flows {
+        Some(flows) => upstream::connect_then(from, to, &ctx.upstream, |local| {
+            register_flow(flows, local, to, proxy)
+        })
+        .await
+        .map(|(s, reg)| (s, reg.flatten())),
+        None => upstream::connect(from, to, &ctx.upstream)
+            .await
+            .map(|s| (s, None)),
+    };
+    // Held until the relay ends: the kernel steers this flow's answers meanwhile.
+    let (upstream, _registration) = match connected {
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&stats.upstream_connect_failed);
@@ -119,6 +135,30 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
             Stats::inc(&stats.relay_errors);
             warn!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to,
                   reason = e.kind(), error = %e, "relay failed");
+        }
+    }
+}
+
+/// Registers the flow's answers with the kernel side. A failure (full table) is
+/// logged and the connection goes ahead: for a loopback target the answers still
+/// find their way through the loopback rule.
+fn register_flow(
+    flows: &Arc<dyn FlowRegistry>,
+    local: SocketAddr,
+    to: UpstreamAddr,
+    proxy: ProxyAddr,
+) -> Option<FlowRegistration> {
+    let flow = ReturnFlow {
+        protocol: FlowProtocol::Tcp,
+        client: local,
+        upstream: to.0,
+    };
+    match FlowRegistration::new(flows, flow) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(target: CONN_TARGET, peer = %proxy, client = %local, upstream = %to,
+                  reason = "flow_table", error = %e, "answers of this connection are not steered");
+            None
         }
     }
 }
@@ -277,6 +317,7 @@ mod tests {
             header_timeout,
             max_header_len: proxy_protocol::DEFAULT_MAX_HEADER_LEN,
             stats: Arc::new(Stats::default()),
+            flows: None,
         });
         World { ctx, upstream }
     }

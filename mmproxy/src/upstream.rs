@@ -97,9 +97,43 @@ pub async fn connect(
 ) -> Result<TcpStream, UpstreamError> {
     let to = UpstreamAddr(canonical(to.0));
     let socket = match from {
-        Some(client) => transparent_socket(ClientAddr(canonical(client.0)), to, opts)?,
+        Some(client) => transparent_socket(ClientAddr(canonical(client.0)), to, opts, false)?,
         None => plain_socket(to, opts)?,
     };
+    finish(socket, to, opts).await
+}
+
+/// [`connect`], calling `on_bound` with the transparent socket's local address
+/// after bind and before connect — so whatever it sets up (the kernel's return-path
+/// flow entry) is in place before the service's first answer. A header with client
+/// port 0 then gets its port at bind time rather than at connect. Not called for
+/// connections from the host's own address (no client in the header).
+pub async fn connect_then<T>(
+    from: Option<ClientAddr>,
+    to: UpstreamAddr,
+    opts: &UpstreamOptions,
+    on_bound: impl FnOnce(SocketAddr) -> T,
+) -> Result<(TcpStream, Option<T>), UpstreamError> {
+    let to = UpstreamAddr(canonical(to.0));
+    let Some(client) = from else {
+        return Ok((finish(plain_socket(to, opts)?, to, opts).await?, None));
+    };
+    let client = ClientAddr(canonical(client.0));
+    let socket = transparent_socket(client, to, opts, true)?;
+    let local = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(client.0);
+    let bound = on_bound(local);
+    Ok((finish(socket, to, opts).await?, Some(bound)))
+}
+
+async fn finish(
+    socket: Socket,
+    to: UpstreamAddr,
+    opts: &UpstreamOptions,
+) -> Result<TcpStream, UpstreamError> {
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(opts.connect_timeout, socket.connect(to.0)).await {
         Ok(Ok(stream)) => Ok(stream),
@@ -111,10 +145,14 @@ pub async fn connect(
     }
 }
 
+/// `port_at_bind`: with client port 0, let bind choose the port (so it is known
+/// before connect) instead of connect (IP_BIND_ADDRESS_NO_PORT, which can share a
+/// port between different upstreams).
 fn transparent_socket(
     client: ClientAddr,
     to: UpstreamAddr,
     opts: &UpstreamOptions,
+    port_at_bind: bool,
 ) -> Result<Socket, UpstreamError> {
     if client.0.is_ipv4() != to.0.is_ipv4() {
         return Err(UpstreamError::FamilyMismatch { client, to });
@@ -129,7 +167,7 @@ fn transparent_socket(
     // Several flows from one client (or one client's earlier flow in TIME_WAIT) bind
     // the same ip:port; the kernel still refuses duplicate 4-tuples at connect.
     sockopt::set_reuse_address(&socket).map_err(opt_err("SO_REUSEADDR"))?;
-    if client.0.port() == 0 {
+    if client.0.port() == 0 && !port_at_bind {
         sockopt::set_bind_address_no_port(&socket).map_err(opt_err("IP_BIND_ADDRESS_NO_PORT"))?;
     }
     if opts.mark != 0 {

@@ -1,25 +1,39 @@
 //! The kernel side, seen from the daemon: loads the embedded BPF object, attaches the
-//! sk_lookup program to the daemon's network namespace and keeps its maps in step
-//! with the configuration.
+//! sk_lookup program to the daemon's network namespace and the return-path tc
+//! programs to the interfaces [`ifaces`] chose, and keeps the maps in step with the
+//! configuration and the live flows ([`flows`]).
 //!
 //! Everything is held by [`KernelSide`]: programs are attached through links owned by
 //! this process, so dropping it — or the process dying, even by SIGKILL — detaches
 //! them. Nothing is pinned to bpffs.
+pub mod flows;
+pub mod ifaces;
 mod rules;
 mod subnets;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
-use aya::maps::{Array, MapData, MapError, PerCpuArray, SockMap};
-use aya::programs::{ProgramError, SkLookup};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockMap};
+use aya::programs::{ProgramError, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfError as AyaError, EbpfLoader};
 use ipnet::{Ipv4Net, Ipv6Net};
-use mmproxy_common::{map_names, program_names, Config, Counter, ListenRule};
+use mmproxy_common::{map_names, program_names, Config, Counter, FlowKey, ListenRule};
 use tokio::io::unix::AsyncFd;
 
+use flows::KernelFlows;
+pub use flows::{FlowError, FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
+pub use ifaces::ReturnInterfaces;
 pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};
+
+/// Set to 1 to make [`KernelSide::load`] fail, so the userspace fallback of
+/// `--ebpf auto` can be tested on a machine where BPF works.
+pub const FAIL_ENV: &str = "MMPROXY_TEST_FAIL_BPF";
+
+/// Where accept_local for `lo` lives in this process's network namespace.
+const LO_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
 
 /// The BPF object built by `cargo xtask build`, or empty when the daemon was built
 /// without it.
@@ -54,6 +68,22 @@ pub enum EbpfError {
     TooManyRules { given: usize, max: usize },
     #[error("{given} allowed subnets, the kernel side holds at most {max}")]
     TooManySubnets { given: usize, max: usize },
+    #[error("attaching {program} to {iface} ({direction}): {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        direction: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error(
+        "setting {LO_ACCEPT_LOCAL} (answers redirected into lo carry a local source address): {0}"
+    )]
+    Sysctl(#[source] std::io::Error),
+    #[error("no interface lo in this network namespace")]
+    NoLoopback,
+    #[error("BPF disabled for a test by {FAIL_ENV}=1")]
+    ForcedFailure,
 }
 
 impl EbpfError {
@@ -61,6 +91,9 @@ impl EbpfError {
     pub fn hint(&self) -> &'static str {
         if matches!(self, EbpfError::NoObject) {
             return "rebuild with `cargo xtask build`";
+        }
+        if matches!(self, EbpfError::ForcedFailure) {
+            return "unset the variable to use the kernel side";
         }
         // EPERM is a missing capability; EACCES from BPF_PROG_LOAD is the verifier.
         let mut errnos = os_errors(self).filter_map(|e| e.raw_os_error());
@@ -70,6 +103,8 @@ impl EbpfError {
             && self.full().contains("Verifier output")
         {
             "the kernel's verifier rejected the program (see the verifier output above)"
+        } else if matches!(self, EbpfError::Attach { .. }) {
+            "needs Linux >= 6.6 for tc links (TCX), which go away with the process"
         } else {
             "needs Linux >= 5.9 with BPF sk_lookup support"
         }
@@ -101,6 +136,12 @@ pub struct KernelOptions<'a> {
     pub allowed: Option<(&'a [Ipv4Net], &'a [Ipv6Net])>,
     /// Kernel events are only formatted and sent up at this verbosity.
     pub verbose: u8,
+    /// Interfaces for the return-path tc programs; empty: no return steering.
+    pub return_path: &'a ReturnInterfaces,
+    /// Mark on steered answers (`--return-mark`).
+    pub return_mark: u32,
+    /// Capacity of the flow table: concurrent TCP connections plus UDP flows.
+    pub flow_capacity: u32,
 }
 
 /// The loaded, attached kernel side. Dropping it detaches everything.
@@ -111,20 +152,30 @@ pub struct KernelSide {
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, u64>,
     listeners: SockMap<MapData>,
+    flows: Arc<KernelFlows>,
+    /// tc programs are attached: answers of registered flows are steered.
+    return_steering: bool,
+    /// accept_local of lo before mmproxy set it, to restore at exit.
+    accept_local_was: Option<String>,
     logger: Option<tokio::task::JoinHandle<()>>,
     _ebpf: Ebpf,
 }
 
 impl KernelSide {
     pub fn load(opts: &KernelOptions<'_>) -> Result<Self, EbpfError> {
+        if std::env::var(FAIL_ENV).as_deref() == Ok("1") {
+            return Err(EbpfError::ForcedFailure);
+        }
         if OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
         }
         // aya-log levels: 1 error … 4 debug. Per-lookup events only at -v 2, so the
         // program does not even write them to the ring buffer otherwise.
         let log_level: u8 = if opts.verbose >= 2 { 4 } else { 2 };
+        let flow_capacity = opts.flow_capacity.max(1);
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .map_max_entries(map_names::FLOWS, flow_capacity)
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
@@ -140,6 +191,7 @@ impl KernelSide {
         let mut config: Array<MapData, Config> = take(&mut ebpf, map_names::CONFIG)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, map_names::COUNTERS)?;
         let listeners: SockMap<MapData> = take(&mut ebpf, map_names::LISTENERS)?;
+        let flows_map: HashMap<MapData, FlowKey, u8> = take(&mut ebpf, map_names::FLOWS)?;
         let mut allowed_v4 = SubnetTrie::new(
             take(&mut ebpf, map_names::ALLOWED_V4)?,
             map_names::ALLOWED_V4,
@@ -161,9 +213,12 @@ impl KernelSide {
             allowed_v4.replace(v4_keys(v4))?;
             allowed_v6.replace(v6_keys(v6))?;
         }
+        let lo_ifindex = if_index("lo").ok_or(EbpfError::NoLoopback)?;
         let cfg = Config {
             rule_count: opts.rules.len() as u32,
             filter_enabled: u32::from(opts.allowed.is_some()),
+            return_mark: opts.return_mark,
+            lo_ifindex,
         };
         config
             .set(0, cfg, 0)
@@ -185,15 +240,87 @@ impl KernelSide {
             .attach(netns)
             .map_err(|source| prog_err(program_names::SK_LOOKUP, source))?;
 
-        Ok(Self {
+        // Answers redirected into lo carry one of this host's addresses as their
+        // source, which lo drops as martian unless accept_local is on.
+        let accept_local_was = if opts.return_path.egress.is_empty() {
+            None
+        } else {
+            set_accept_local()?
+        };
+        let mut kernel = Self {
             allowed_v4,
             allowed_v6,
             config,
             counters,
             listeners,
+            flows: KernelFlows::new(flows_map, flow_capacity),
+            return_steering: !opts.return_path.is_empty(),
+            accept_local_was,
             logger,
             _ebpf: ebpf,
-        })
+        };
+        // The tc links are owned by the program inside `_ebpf`: they close with it,
+        // or with the process however it ends.
+        kernel.attach_tc(
+            program_names::TC_EGRESS,
+            &opts.return_path.egress,
+            TcAttachType::Egress,
+        )?;
+        kernel.attach_tc(
+            program_names::TC_INGRESS,
+            &opts.return_path.ingress,
+            TcAttachType::Ingress,
+        )?;
+        Ok(kernel)
+    }
+
+    fn attach_tc<'i>(
+        &mut self,
+        name: &'static str,
+        ifaces: impl IntoIterator<Item = &'i String>,
+        direction: TcAttachType,
+    ) -> Result<(), EbpfError> {
+        let mut ifaces = ifaces.into_iter().peekable();
+        if ifaces.peek().is_none() {
+            return Ok(());
+        }
+        let program: &mut SchedClassifier = self
+            ._ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|source| prog_err(name, source))?;
+        program.load().map_err(|source| prog_err(name, source))?;
+        for iface in ifaces {
+            // TCX links (Linux >= 6.6): owned by this process, appended after any
+            // program already there, never replacing one.
+            program
+                .attach(iface, direction)
+                .map_err(|source| EbpfError::Attach {
+                    program: name,
+                    iface: iface.clone(),
+                    direction: match direction {
+                        TcAttachType::Ingress => "ingress",
+                        _ => "egress",
+                    },
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Where the proxies register their upstream flows.
+    pub fn flows(&self) -> Arc<dyn FlowRegistry> {
+        Arc::new(self.flows.clone())
+    }
+
+    /// Whether tc programs steer answers of registered flows (then the `fwmark`
+    /// rule is needed, and the proxies must register their flows).
+    pub fn return_steering(&self) -> bool {
+        self.return_steering
     }
 
     /// Swaps the allow-list (SIGHUP). `None` allows everyone.
@@ -261,7 +388,30 @@ impl Drop for KernelSide {
         if let Some(task) = self.logger.take() {
             task.abort();
         }
+        if let Some(old) = self.accept_local_was.take() {
+            if let Err(e) = std::fs::write(LO_ACCEPT_LOCAL, old) {
+                tracing::warn!("restoring {LO_ACCEPT_LOCAL}: {e}");
+            }
+        }
     }
+}
+
+/// Turns accept_local on for lo; returns the previous value if it was changed.
+fn set_accept_local() -> Result<Option<String>, EbpfError> {
+    let old = std::fs::read_to_string(LO_ACCEPT_LOCAL).map_err(EbpfError::Sysctl)?;
+    let old = old.trim().to_owned();
+    if old == "1" {
+        return Ok(None);
+    }
+    std::fs::write(LO_ACCEPT_LOCAL, "1").map_err(EbpfError::Sysctl)?;
+    Ok(Some(old))
+}
+
+fn if_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 fn check_subnet_capacity(given: usize) -> Result<(), EbpfError> {

@@ -1,0 +1,365 @@
+//! Which interfaces the return-path tc programs go on.
+//!
+//! The service answers the *client's* address, so its answers follow the route to
+//! the client — in general the default route:
+//! - a target on one of this host's own addresses (and, for UDP, a loopback target:
+//!   a service bound to 0.0.0.0 answers from whatever address routing picks) sends
+//!   its answers out of the default-route interface(s): tc **egress** there;
+//! - a target elsewhere (a container behind a veth, with this host as its gateway)
+//!   sends them in through the interface this host routes the target over: tc
+//!   **ingress** there.
+//!
+//! `--return-interface` names further interfaces; both programs go on those. The
+//! choice is made once at start-up, from the main routing table.
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkLayerType};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+const MAIN_TABLE: u32 = 254;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IfaceError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{what}: {source}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("--return-interface {0}: no such interface")]
+    NoSuchInterface(String),
+    #[error("--return-interface {0}: not an Ethernet-type interface (the tc programs parse Ethernet frames)")]
+    NotEthernet(String),
+}
+
+/// Interface names per attach point.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReturnInterfaces {
+    pub egress: BTreeSet<String>,
+    pub ingress: BTreeSet<String>,
+    /// Why something that might have been expected is not there, for the log.
+    pub notes: Vec<String>,
+}
+
+impl ReturnInterfaces {
+    pub fn is_empty(&self) -> bool {
+        self.egress.is_empty() && self.ingress.is_empty()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Link {
+    index: u32,
+    name: String,
+    ether: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Route {
+    dst: IpNet,
+    oifs: Vec<u32>,
+}
+
+/// What the decision needs to know about this namespace.
+#[derive(Clone, Debug, Default)]
+struct NetView {
+    links: Vec<Link>,
+    local: Vec<IpAddr>,
+    /// Unicast routes of the main table.
+    routes: Vec<Route>,
+}
+
+impl NetView {
+    fn name(&self, index: u32) -> Option<&Link> {
+        self.links.iter().find(|l| l.index == index)
+    }
+
+    /// The main table's longest-prefix route towards `ip`.
+    fn route_to(&self, ip: IpAddr) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| r.dst.contains(&ip))
+            .max_by_key(|r| r.dst.prefix_len())
+    }
+
+    fn default_route(&self, v4: bool) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.dst.prefix_len() == 0 && r.dst.addr().is_ipv4() == v4)
+    }
+}
+
+/// Chooses the interfaces for `targets` (the `-4` and `-6` addresses).
+pub async fn choose(
+    targets: &[IpAddr],
+    udp: bool,
+    explicit: &[String],
+) -> Result<ReturnInterfaces, IfaceError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Socket)?;
+    let task = tokio::spawn(conn);
+    let view = view(&handle).await;
+    task.abort();
+    decide(&view?, targets, udp, explicit)
+}
+
+fn decide(
+    view: &NetView,
+    targets: &[IpAddr],
+    udp: bool,
+    explicit: &[String],
+) -> Result<ReturnInterfaces, IfaceError> {
+    let mut out = ReturnInterfaces::default();
+    let add = |set: &mut BTreeSet<String>, notes: &mut Vec<String>, index: u32| {
+        match view.name(index) {
+            Some(l) if l.ether => {
+                set.insert(l.name.clone());
+            }
+            Some(l) if l.name == "lo" => {}
+            Some(l) => notes.push(format!(
+                "{} is not an Ethernet-type interface: answers leaving or arriving there are not steered",
+                l.name
+            )),
+            None => {}
+        }
+    };
+    for target in targets {
+        let ip = target.to_canonical();
+        let local = view.local.contains(&ip);
+        if ip.is_loopback() && !udp {
+            // TCP answers come from the target address: the loopback rule suffices.
+            continue;
+        }
+        if ip.is_loopback() || local {
+            match view.default_route(ip.is_ipv4()) {
+                Some(r) => {
+                    for i in &r.oifs {
+                        add(&mut out.egress, &mut out.notes, *i);
+                    }
+                }
+                None => out.notes.push(format!(
+                    "no default route for {ip}'s family: answers to clients have no way out to steer"
+                )),
+            }
+        } else {
+            match view.route_to(ip) {
+                Some(r) => {
+                    for i in &r.oifs {
+                        add(&mut out.ingress, &mut out.notes, *i);
+                    }
+                }
+                None => out.notes.push(format!("no route to the target {ip}")),
+            }
+        }
+    }
+    for name in explicit {
+        match view.links.iter().find(|l| &l.name == name) {
+            Some(l) if l.ether => {
+                out.egress.insert(name.clone());
+                out.ingress.insert(name.clone());
+            }
+            Some(_) => return Err(IfaceError::NotEthernet(name.clone())),
+            None => return Err(IfaceError::NoSuchInterface(name.clone())),
+        }
+    }
+    Ok(out)
+}
+
+async fn view(handle: &Handle) -> Result<NetView, IfaceError> {
+    let nl = |what| move |source| IfaceError::Netlink { what, source };
+    let links: Vec<_> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing interfaces"))?;
+    let links = links
+        .into_iter()
+        .map(|m| Link {
+            index: m.header.index,
+            ether: m.header.link_layer_type == LinkLayerType::Ether,
+            name: m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing addresses"))?;
+    let local = addrs
+        .iter()
+        .flat_map(|m| m.attributes.iter())
+        .filter_map(|a| match a {
+            AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        })
+        .collect();
+    let mut routes = Vec::new();
+    for filter in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let v4 = filter.header.address_family == netlink_packet_route::AddressFamily::Inet;
+        let msgs: Vec<RouteMessage> = match handle.route().get(filter).execute().try_collect().await
+        {
+            Ok(m) => m,
+            // IPv6 disabled: nothing to steer for it.
+            Err(_) if !v4 => Vec::new(),
+            Err(source) => {
+                return Err(IfaceError::Netlink {
+                    what: "listing routes",
+                    source,
+                })
+            }
+        };
+        routes.extend(msgs.iter().filter_map(|m| unicast_main_route(m, v4)));
+    }
+    Ok(NetView {
+        links,
+        local,
+        routes,
+    })
+}
+
+fn unicast_main_route(m: &RouteMessage, v4: bool) -> Option<Route> {
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    if table != MAIN_TABLE || m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut dst: IpAddr = if v4 {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let mut oifs = Vec::new();
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = (*ip).into(),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = (*ip).into(),
+            RouteAttribute::Oif(i) => oifs.push(*i),
+            RouteAttribute::MultiPath(hops) => {
+                oifs.extend(hops.iter().map(|h| h.interface_index));
+            }
+            _ => {}
+        }
+    }
+    let dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
+    Some(Route { dst, oifs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test topology's host: eth0 towards the balancer, gw0 the default route,
+    /// app0 a container's veth, tun0 a non-Ethernet device.
+    fn host() -> NetView {
+        let link = |index, name: &str, ether| Link {
+            index,
+            name: name.into(),
+            ether,
+        };
+        let route = |dst: &str, oif| Route {
+            dst: dst.parse().unwrap(),
+            oifs: vec![oif],
+        };
+        NetView {
+            links: vec![
+                link(1, "lo", false),
+                link(2, "eth0", true),
+                link(3, "gw0", true),
+                link(4, "app0", true),
+                link(5, "tun0", false),
+            ],
+            local: [
+                "127.0.0.1",
+                "::1",
+                "192.0.2.2",
+                "203.0.113.2",
+                "203.0.113.129",
+            ]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect(),
+            routes: vec![
+                route("192.0.2.0/24", 2),
+                route("203.0.113.0/24", 3),
+                route("203.0.113.128/25", 4),
+                route("0.0.0.0/0", 3),
+                route("2001:db8:1::/64", 2),
+                route("::/0", 3),
+                route("10.9.0.0/16", 5),
+            ],
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn loopback_tcp_targets_need_nothing() {
+        let r = decide(&host(), &[ip("127.0.0.1"), ip("::1")], false, &[]).unwrap();
+        assert!(r.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn loopback_udp_and_local_targets_use_the_default_route_egress() {
+        let r = decide(&host(), &[ip("127.0.0.1")], true, &[]).unwrap();
+        assert_eq!(r.egress, set(&["gw0"]));
+        let r = decide(&host(), &[ip("192.0.2.2")], false, &[]).unwrap();
+        assert_eq!(r.egress, set(&["gw0"]));
+        assert!(r.ingress.is_empty());
+    }
+
+    #[test]
+    fn remote_target_uses_ingress_of_its_route() {
+        let r = decide(&host(), &[ip("203.0.113.130"), ip("::1")], false, &[]).unwrap();
+        assert_eq!(r.ingress, set(&["app0"]));
+        assert!(r.egress.is_empty());
+        let r = decide(&host(), &[ip("10.9.0.1")], false, &[]).unwrap();
+        assert!(r.is_empty() && r.notes.len() == 1, "{r:?}");
+    }
+
+    #[test]
+    fn explicit_interfaces_get_both_and_are_checked() {
+        let r = decide(&host(), &[], false, &["eth0".into()]).unwrap();
+        assert_eq!(r.egress, set(&["eth0"]));
+        assert_eq!(r.ingress, set(&["eth0"]));
+        assert!(matches!(
+            decide(&host(), &[], false, &["nope".into()]),
+            Err(IfaceError::NoSuchInterface(_))
+        ));
+        assert!(matches!(
+            decide(&host(), &[], false, &["tun0".into()]),
+            Err(IfaceError::NotEthernet(_))
+        ));
+    }
+}
