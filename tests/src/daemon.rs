@@ -27,6 +27,34 @@ pub fn binary() -> PathBuf {
         })
 }
 
+/// The daemon's variable that makes its BPF loading fail (mmproxy::ebpf::FAIL_ENV).
+pub const FAIL_BPF_ENV: &str = "MMPROXY_TEST_FAIL_BPF";
+
+/// Part of the daemon's warning when it falls back to userspace.
+pub const FALLBACK_WARNING: &str = "kernel side unavailable";
+
+/// How every daemon of this test process is started, from `MMPROXY_TEST_EBPF`:
+/// unset — as the test says; `off` — with `--ebpf off` appended; `fail` — with
+/// the BPF load forced to fail (so `--ebpf auto` takes the userspace fallback).
+/// The `tcp_proxy_ebpf_off` and `tcp_proxy_bpf_failure` test binaries set it to run
+/// the whole TCP list again in those modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EbpfMode {
+    AsGiven,
+    Off,
+    Fail,
+}
+
+pub const EBPF_MODE_ENV: &str = "MMPROXY_TEST_EBPF";
+
+pub fn ebpf_mode() -> EbpfMode {
+    match std::env::var(EBPF_MODE_ENV).as_deref() {
+        Ok("off") => EbpfMode::Off,
+        Ok("fail") => EbpfMode::Fail,
+        _ => EbpfMode::AsGiven,
+    }
+}
+
 struct Log {
     lines: Vec<String>,
     /// stdout and stderr readers still running.
@@ -45,7 +73,23 @@ impl Daemon {
         let d = Self::spawn(ns, args)?;
         d.wait_for(READY, START_TIMEOUT)
             .with_context(|| format!("mmproxy did not become ready; log:\n{}", d.log_text()))?;
+        d.check_mode()?;
         Ok(d)
+    }
+
+    /// Under [`EbpfMode::Fail`] the daemon must have taken the fallback, or the
+    /// suite would silently test the kernel side instead.
+    fn check_mode(&self) -> Result<()> {
+        if ebpf_mode() == EbpfMode::Fail {
+            self.wait_for(FALLBACK_WARNING, Duration::ZERO)
+                .with_context(|| {
+                    format!(
+                        "no fallback warning under {FAIL_BPF_ENV}=1; log:\n{}",
+                        self.log_text()
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// Starts mmproxy through another program (`sh -c 'ulimit …; exec mmproxy …'`)
@@ -54,6 +98,7 @@ impl Daemon {
         let d = Self::spawn_program(ns, program, args)?;
         d.wait_for(READY, START_TIMEOUT)
             .with_context(|| format!("mmproxy did not become ready; log:\n{}", d.log_text()))?;
+        d.check_mode()?;
         Ok(d)
     }
 
@@ -62,10 +107,35 @@ impl Daemon {
         Self::spawn_program(ns, &binary().to_string_lossy(), args)
     }
 
+    /// [`Daemon::spawn`] with extra environment variables.
+    pub fn spawn_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_program_env(ns, &binary().to_string_lossy(), args, env)
+    }
+
     fn spawn_program(ns: &Netns, program: &str, args: &[&str]) -> Result<Self> {
-        let mut child = ns
-            .command(program)
-            .args(args)
+        Self::spawn_program_env(ns, program, args, &[])
+    }
+
+    fn spawn_program_env(
+        ns: &Netns,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut cmd = ns.command(program);
+        cmd.args(args);
+        cmd.envs(env.iter().copied());
+        match ebpf_mode() {
+            // Appended last, so it wins over an --ebpf the test itself passed.
+            EbpfMode::Off if program.ends_with("mmproxy") => {
+                cmd.args(["--ebpf", "off"]);
+            }
+            EbpfMode::Fail => {
+                cmd.env(FAIL_BPF_ENV, "1");
+            }
+            _ => {}
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

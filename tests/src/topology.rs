@@ -4,6 +4,12 @@
 //! client 198.51.100.9 ──► lb (HAProxy) 192.0.2.1 ──► host 192.0.2.2 (mmproxy, service on lo)
 //!                                                      └─► gw 203.0.113.1 (dead end: the default route)
 //! ```
+//! With [`Topology::with_app`] a fourth namespace `app` holds a service reached over a
+//! veth, `host` being its default gateway (the container case):
+//!
+//! ```text
+//! host app0 203.0.113.129/25 ──► app eth0 203.0.113.130/25 (default via host)
+//! ```
 //! No namespace has a route out of the machine; every address is from a
 //! documentation range.
 use anyhow::Result;
@@ -26,12 +32,20 @@ pub const HOST_V4: &str = "192.0.2.2";
 pub const HOST_V6: &str = "2001:db8:1::2";
 pub const GW_V4: &str = "203.0.113.1";
 pub const GW_V6: &str = "2001:db8:f::1";
+/// The `app` namespace's service address and the host's end of its veth (`app0`);
+/// the /25 is more specific than gw0's 203.0.113.0/24.
+pub const APP_V4: &str = "203.0.113.130";
+pub const APP_V6: &str = "2001:db8:a::2";
+pub const APP_GW_V4: &str = "203.0.113.129";
+pub const APP_GW_V6: &str = "2001:db8:a::1";
 
 pub struct Topology {
     pub client: Netns,
     pub lb: Netns,
     pub host: Netns,
     pub gw: Netns,
+    /// Only with [`Topology::with_app`].
+    pub app: Option<Netns>,
 }
 
 impl Topology {
@@ -41,6 +55,7 @@ impl Topology {
             lb: Netns::new("lb")?,
             host: Netns::new("host")?,
             gw: Netns::new("gw")?,
+            app: None,
         };
         t.client.link("eth0", &t.lb, "front")?;
         t.client.addr("eth0", &format!("{CLIENT_V4}/24"))?;
@@ -71,6 +86,21 @@ impl Topology {
         t.host.ip(&["route", "add", "default", "via", GW_V4])?;
         t.host
             .ip(&["-6", "route", "add", "default", "via", GW_V6])?;
+        Ok(t)
+    }
+
+    /// The standard topology plus the `app` namespace behind `host`'s `app0`.
+    pub fn with_app() -> Result<Self> {
+        let mut t = Self::new()?;
+        let app = Netns::new("app")?;
+        t.host.link("app0", &app, "eth0")?;
+        t.host.addr("app0", &format!("{APP_GW_V4}/25"))?;
+        t.host.addr("app0", &format!("{APP_GW_V6}/64"))?;
+        app.addr("eth0", &format!("{APP_V4}/25"))?;
+        app.addr("eth0", &format!("{APP_V6}/64"))?;
+        app.ip(&["route", "add", "default", "via", APP_GW_V4])?;
+        app.ip(&["-6", "route", "add", "default", "via", APP_GW_V6])?;
+        t.app = Some(app);
         Ok(t)
     }
 }
