@@ -66,6 +66,6 @@ fn main() -> Result<()> {
             ))
         }
         Command::Test { no_fuzz, filter } => test::run_all(no_fuzz, filter.as_deref()),
-        Command::Fuzz { seconds } => fuzz::run(seconds),
+        Command::Fuzz { seconds } => fuzz::run_for(seconds),
     }
 }

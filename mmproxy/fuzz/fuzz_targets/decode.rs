@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mmproxy::proxy_protocol::{decode, DecodeOptions, Decoded, MAX_POSSIBLE_HEADER_LEN};
+use mmproxy_codec::proxy_protocol::{decode, DecodeOptions, Decoded, MAX_POSSIBLE_HEADER_LEN};
 
 /// A handful of prefix lengths spread over `0..n`, always including `n - 1`: checking
 /// every prefix would make each run quadratic.
