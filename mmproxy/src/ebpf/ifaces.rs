@@ -143,6 +143,9 @@ fn decide(
                         add(&mut out.egress, &mut out.notes, *i);
                     }
                 }
+                // Loopback targets are the default: a host without, say, an IPv6
+                // default route has no IPv6 clients to answer, nothing to warn about.
+                None if ip.is_loopback() => {}
                 None => out.notes.push(format!(
                     "no default route for {ip}'s family: answers to clients have no way out to steer"
                 )),
@@ -337,6 +340,16 @@ mod tests {
         let r = decide(&host(), &[ip("192.0.2.2")], false, &[]).unwrap();
         assert_eq!(r.egress, set(&["gw0"]));
         assert!(r.ingress.is_empty());
+    }
+
+    #[test]
+    fn missing_default_route_is_noted_only_for_non_loopback_targets() {
+        let mut v = host();
+        v.routes.retain(|r| r.dst.prefix_len() != 0);
+        let r = decide(&v, &[ip("::1")], true, &[]).unwrap();
+        assert!(r.is_empty() && r.notes.is_empty(), "{r:?}");
+        let r = decide(&v, &[ip("192.0.2.2")], true, &[]).unwrap();
+        assert_eq!(r.notes.len(), 1, "{r:?}");
     }
 
     #[test]
