@@ -23,6 +23,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "the real PROXY sender in end-to-end tests"),
     ("bpftool", "checks what BPF programs are attached"),
     ("go-mmproxy", "the peer for side-by-side comparison"),
+    (
+        "openssl",
+        "a TLS client and certificate for HAProxy's SSL TLVs",
+    ),
 ];
 
 pub fn all(needs: Needs) -> Result<()> {
