@@ -22,11 +22,9 @@ use crate::listener;
 use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
 use crate::tcp::TcpContext;
+use crate::udp;
 
 pub async fn run(args: Args) -> Result<()> {
-    if args.protocol == Protocol::Udp {
-        bail!("-p udp is not implemented yet in this build");
-    }
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
 
@@ -39,14 +37,25 @@ pub async fn run(args: Args) -> Result<()> {
     // Listening sockets first: a port in use is the commonest start-up error and
     // should be reported before anything is installed in the kernel.
     let mut sockets = Vec::new();
+    // With -p udp, UDP sockets are bound instead and `sockets` stays empty.
+    let mut udp_sockets = Vec::new();
     for spec in &args.listen {
         let addr = SocketAddr::new(spec.addr, *spec.ports.start());
-        let group = listener::bind_tcp(addr, args.listeners)
-            .with_context(|| format!("listening on {addr}"))?;
-        sockets.push(group);
+        let listening = || format!("listening on {addr}");
+        match args.protocol {
+            Protocol::Tcp => {
+                sockets.push(listener::bind_tcp(addr, args.listeners).with_context(listening)?)
+            }
+            Protocol::Udp => {
+                udp_sockets.push(udp::bind_udp(addr, args.listeners).with_context(listening)?)
+            }
+        }
     }
 
-    let kernel = start_kernel_side(&args, &allowed, &sockets).await?;
+    let kernel = match args.protocol {
+        Protocol::Tcp => start_kernel_side(&args, &allowed, &sockets).await?,
+        Protocol::Udp => start_kernel_side(&args, &allowed, &udp_sockets).await?,
+    };
     let steering = kernel
         .as_ref()
         .and_then(|k| k.lock().ok())
@@ -93,6 +102,29 @@ pub async fn run(args: Args) -> Result<()> {
                 limits.clone(),
                 shutdown.clone(),
                 tracker.clone(),
+            ));
+        }
+    }
+    if !udp_sockets.is_empty() {
+        udp::raise_nofile_limit(args.max_flows);
+        let mut udp_ctx = udp::UdpContext::from_args(&args, stats.clone());
+        udp_ctx.flows = steering.clone();
+        let udp_ctx = Arc::new(udp_ctx);
+        for socket in udp_sockets.into_iter().flatten() {
+            let socket =
+                tokio::net::UdpSocket::from_std(socket).context("registering UDP socket")?;
+            listening.push(
+                socket
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            );
+            let allowed = allowed.clone();
+            tracker.spawn(udp::serve_udp(
+                socket,
+                udp_ctx.clone(),
+                move |ip| allowed.allows(ip),
+                shutdown.clone(),
             ));
         }
     }

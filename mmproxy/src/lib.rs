@@ -19,4 +19,5 @@ pub mod routing;
 pub mod sockopt;
 pub mod stats;
 pub mod tcp;
+pub mod udp;
 pub mod upstream;

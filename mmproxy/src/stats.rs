@@ -58,6 +58,15 @@ counters! {
     udp_flows_evicted,
     /// UDP datagrams that could not be relayed upstream.
     udp_upstream_errors,
+    /// UDP flows open right now (gauge).
+    udp_flows_active,
+    /// UDP answers relayed from the service back to a proxy.
+    udp_replies,
+    /// Datagrams reaching a flow's socket from another port than the one the flow
+    /// sends to: not the service's answer, dropped.
+    udp_replies_foreign,
+    /// UDP answers that could not be sent back to the proxy.
+    udp_reply_errors,
 }
 
 impl Stats {

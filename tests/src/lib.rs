@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod haproxy;
 pub mod netns;
 pub mod topology;
+pub mod udp_upstream;
 pub mod upstream;
 
 /// Whether privileged tests can run here. Without root they skip with one line —

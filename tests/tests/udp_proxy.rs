@@ -1,0 +1,476 @@
+//! The UDP proxy end to end: a "balancer" in its own namespace sending PROXY v2 DGRAM
+//! datagrams (HAProxy does not send PROXY over UDP; Cloudflare Spectrum does, one
+//! header per datagram), mmproxy with the real kernel's transparent sockets and
+//! policy routing, and a real UDP service on the host's loopback.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use mmproxy::proxy_protocol::{encode_v1, Transport, V2Builder};
+use mmproxy_tests::client::counter;
+use mmproxy_tests::daemon::Daemon;
+use mmproxy_tests::privileged;
+use mmproxy_tests::topology::*;
+use mmproxy_tests::udp_upstream::{answer, UdpEcho};
+
+const WAIT: Duration = Duration::from_secs(10);
+/// Second addresses of the host: a wildcard socket answering the balancer from its
+/// primary address (192.0.2.2, 2001:db8:1::2) instead would be dropped by a real
+/// balancer, so answers to these show that PKTINFO is honoured.
+const HOST2_V4: &str = "192.0.2.4";
+const HOST2_V6: &str = "2001:db8:1::4";
+
+struct Setup {
+    echo: UdpEcho,
+    daemon: Daemon,
+    t: Topology,
+}
+
+/// Topology with the host's second addresses, a UDP echo service on 127.0.0.1:9000
+/// and [::1]:9000, and `mmproxy -p udp -4 127.0.0.1:9000 -6 [::1]:9000 -v 1` plus
+/// `args` (which include the -l flags).
+fn setup(args: &[&str]) -> Result<Setup> {
+    let t = Topology::new()?;
+    t.host.addr("eth0", &format!("{HOST2_V4}/24"))?;
+    t.host.addr("eth0", &format!("{HOST2_V6}/64"))?;
+    let echo = UdpEcho::start_dual(&t.host, 9000)?;
+    let mut all = vec![
+        "-p",
+        "udp",
+        "-4",
+        "127.0.0.1:9000",
+        "-6",
+        "[::1]:9000",
+        "-v",
+        "1",
+    ];
+    all.extend_from_slice(args);
+    let daemon = Daemon::start(&t.host, &all)?;
+    Ok(Setup { echo, daemon, t })
+}
+
+const WILDCARD: &[&str] = &["-l", "0.0.0.0:8443", "-l", "[::]:8443"];
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+fn mm(host: &str) -> SocketAddr {
+    if host.contains(':') {
+        sa(&format!("[{host}]:8443"))
+    } else {
+        sa(&format!("{host}:8443"))
+    }
+}
+
+/// A PROXY v2 DGRAM header for `client`, as a Spectrum-like sender writes it.
+fn dgram(client: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    V2Builder::proxy(client, dst)
+        .transport(Transport::Dgram)
+        .build()
+        .unwrap_or_default()
+}
+
+/// The balancer's socket, in the `lb` namespace.
+struct Balancer(UdpSocket);
+
+impl Balancer {
+    fn new(t: &Topology, src: &str) -> Result<Self> {
+        let bind = if src.contains(':') {
+            sa(&format!("[{src}]:0"))
+        } else {
+            sa(&format!("{src}:0"))
+        };
+        let s = t.lb.enter(move || UdpSocket::bind(bind))??;
+        s.set_read_timeout(Some(WAIT))?;
+        Ok(Self(s))
+    }
+
+    fn send(&self, header: &[u8], payload: &[u8], to: SocketAddr) -> Result<()> {
+        let mut d = header.to_vec();
+        d.extend_from_slice(payload);
+        self.0.send_to(&d, to)?;
+        Ok(())
+    }
+
+    /// The next answer and where it came from.
+    fn recv(&self) -> Result<(Vec<u8>, SocketAddr)> {
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = self
+            .0
+            .recv_from(&mut buf)
+            .context("no answer from mmproxy")?;
+        buf.truncate(n);
+        Ok((buf, from))
+    }
+
+    /// Sends `payload` for `client` to `to` and checks the answer: the service's
+    /// echo for the client's own address, coming from `to`.
+    fn roundtrip(&self, client: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<()> {
+        self.send(&dgram(client, to), payload, to)?;
+        let (got, from) = self.recv()?;
+        ensure!(
+            from == to,
+            "answer came from {from}, the balancer sent to {to}"
+        );
+        ensure!(
+            got == answer(client, payload),
+            "for {client}: got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        Ok(())
+    }
+}
+
+/// Polls the daemon's counters (SIGUSR1) until `name` reaches `want`.
+fn wait_counter(d: &Daemon, name: &str, want: u64, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let line = d.stats()?;
+        if counter(&line, name) >= want {
+            return Ok(line);
+        }
+        if Instant::now() >= deadline {
+            bail!("{name} did not reach {want} within {timeout:?}: {line}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_address_used(
+) -> Result<()> {
+    if !privileged(
+        "ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_address_used",
+    ) {
+        return Ok(());
+    }
+    let s = setup(WILDCARD)?;
+    let mut port = 40000;
+    for (lb, host) in [
+        (LB_V4, HOST2_V4),
+        (LB_V6, HOST2_V6),
+        (LB_V4, HOST_V4),
+        (LB_V6, HOST_V6),
+    ] {
+        let b = Balancer::new(&s.t, lb)?;
+        let to = mm(host);
+        for client in ["198.51.100.20", "2001:db8:c::20"] {
+            port += 1;
+            let client = SocketAddr::new(client.parse()?, port);
+            b.roundtrip(client, to, b"ping")
+                .with_context(|| format!("{client} via {lb} -> {to}\n{}", s.daemon.log_text()))?;
+            assert_eq!(
+                s.echo.next_peer(WAIT)?,
+                client,
+                "the service must see the client's address and port"
+            );
+            // A second datagram of the flow takes the same path.
+            b.roundtrip(client, to, b"again")?;
+            assert_eq!(s.echo.next_peer(WAIT)?, client);
+        }
+    }
+    // An IPv4 client in an INET6 header (IPv4-mapped, as a mixed pair is sent) goes
+    // to the -4 target from the IPv4 address.
+    let b = Balancer::new(&s.t, LB_V6)?;
+    let mapped = sa("[::ffff:198.51.100.21]:41000");
+    let to = mm(HOST_V6);
+    b.send(&dgram(mapped, to), b"mapped", to)?;
+    let (got, from) = b.recv()?;
+    assert_eq!(from, to);
+    assert_eq!(got, answer(sa("198.51.100.21:41000"), b"mapped"));
+    assert_eq!(s.echo.next_peer(WAIT)?, sa("198.51.100.21:41000"));
+
+    // LOCAL (a health check): from the host's own address, one flow per proxy
+    // address however many datagrams it sends.
+    let line = s.daemon.stats()?;
+    let created = counter(&line, "udp_flows_created");
+    let local = V2Builder::local().build()?;
+    let to = mm(HOST2_V4);
+    for _ in 0..3 {
+        b.send(&local, b"health", mm(HOST_V6))?;
+        let (got, _) = b.recv()?;
+        assert!(got.ends_with(b"|health"));
+        assert!(s.echo.next_peer(WAIT)?.ip().is_loopback());
+    }
+    let b4 = Balancer::new(&s.t, LB_V4)?;
+    b4.send(&local, b"health", to)?;
+    let (_, from) = b4.recv()?;
+    assert_eq!(from, to);
+    let seen = s.echo.next_peer(WAIT)?;
+    assert_eq!(
+        seen.ip().to_string(),
+        "127.0.0.1",
+        "LOCAL from the host, saw {seen}"
+    );
+    let line = s.daemon.stats()?;
+    assert_eq!(counter(&line, "udp_flows_created"), created + 2, "{line}");
+    assert_eq!(counter(&line, "udp_dropped_invalid"), 0, "{line}");
+    Ok(())
+}
+
+#[test]
+fn thousand_clients_each_answered_and_idle_expiry_closes_their_descriptors() -> Result<()> {
+    if !privileged("thousand_clients_each_answered_and_idle_expiry_closes_their_descriptors") {
+        return Ok(());
+    }
+    let mut args = WILDCARD.to_vec();
+    args.extend_from_slice(&["--close-after", "1", "--listeners", "2"]);
+    let s = setup(&args)?;
+    let fds_idle = s.daemon.open_fds()?;
+
+    // Four balancer sockets, so both SO_REUSEPORT sockets get flows.
+    let balancers = [LB_V4, LB_V4, LB_V6, LB_V6]
+        .iter()
+        .map(|lb| Balancer::new(&s.t, lb))
+        .collect::<Result<Vec<_>>>()?;
+    for b in &balancers {
+        b.0.set_read_timeout(Some(Duration::from_millis(500)))?;
+    }
+    let clients: Vec<SocketAddr> = (0..1000u16)
+        .map(|i| {
+            if i % 2 == 0 {
+                SocketAddr::new(
+                    format!("198.51.100.{}", 100 + i / 100).parse().unwrap(),
+                    30000 + i,
+                )
+            } else {
+                SocketAddr::new(
+                    format!("2001:db8:c::{:x}", 0x100 + i).parse().unwrap(),
+                    30000 + i,
+                )
+            }
+        })
+        .collect();
+
+    // Windows of 50 clients, as real UDP clients do: resend what was not answered.
+    let mut answered = BTreeMap::new();
+    for (w, window) in clients.chunks(50).enumerate() {
+        let b = &balancers[w % balancers.len()];
+        let to = if b.0.local_addr()?.is_ipv4() {
+            mm(HOST_V4)
+        } else {
+            mm(HOST_V6)
+        };
+        let mut pending: BTreeSet<SocketAddr> = window.iter().copied().collect();
+        for _attempt in 0..5 {
+            for c in &pending {
+                b.send(&dgram(*c, to), c.to_string().as_bytes(), to)?;
+            }
+            while !pending.is_empty() {
+                let Ok((got, from)) = b.recv() else { break };
+                assert_eq!(from, to);
+                let text = String::from_utf8(got)?;
+                let (seen, payload) = text.split_once('|').context("answer format")?;
+                assert_eq!(seen, payload, "an answer reached the wrong client");
+                let c: SocketAddr = payload.parse()?;
+                pending.remove(&c);
+                answered.insert(c, ());
+            }
+            if pending.is_empty() {
+                break;
+            }
+        }
+        ensure!(pending.is_empty(), "unanswered: {pending:?}");
+    }
+    assert_eq!(answered.len(), 1000);
+    let seen: BTreeSet<SocketAddr> = s.echo.take_peers().into_iter().collect();
+    assert_eq!(
+        seen,
+        clients.iter().copied().collect(),
+        "the service saw every client as itself"
+    );
+
+    let line = s.daemon.stats()?;
+    assert_eq!(
+        counter(&line, "udp_flows_created"),
+        1000,
+        "one flow per client: {line}"
+    );
+    let fds_busy = s.daemon.open_fds()?;
+    assert!(
+        fds_busy >= fds_idle + 1000 || counter(&line, "udp_flows_expired") > 0,
+        "each live flow holds its socket: {fds_idle} -> {fds_busy}"
+    );
+
+    // Idle for --close-after 1: every flow is closed and its descriptor with it.
+    let line = wait_counter(&s.daemon, "udp_flows_expired", 1000, WAIT)?;
+    assert_eq!(counter(&line, "udp_flows_active"), 0, "{line}");
+    assert_eq!(counter(&line, "udp_flows_evicted"), 0, "{line}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let fds = s.daemon.open_fds()?;
+        if fds <= fds_idle {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{fds} descriptors open after expiry, {fds_idle} before any flow"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn full_flow_table_evicts_the_least_recently_used_and_new_clients_are_served() -> Result<()> {
+    if !privileged("full_flow_table_evicts_the_least_recently_used_and_new_clients_are_served") {
+        return Ok(());
+    }
+    let s = setup(&["-l", "0.0.0.0:8443", "--max-flows", "3"])?;
+    let b = Balancer::new(&s.t, LB_V4)?;
+    let to = mm(HOST_V4);
+    let [a, bb, c, d] = [
+        "198.51.100.31:1",
+        "198.51.100.32:2",
+        "198.51.100.33:3",
+        "198.51.100.34:4",
+    ]
+    .map(sa);
+    let created = |want: u64, evicted: u64| -> Result<()> {
+        let line = s.daemon.stats()?;
+        assert_eq!(counter(&line, "udp_flows_created"), want, "{line}");
+        assert_eq!(counter(&line, "udp_flows_evicted"), evicted, "{line}");
+        assert!(counter(&line, "udp_flows_active") <= 3, "{line}");
+        Ok(())
+    };
+    for x in [a, bb, c] {
+        b.roundtrip(x, to, b"1")?;
+    }
+    created(3, 0)?;
+    // a is used again, so bb becomes the least recently used.
+    b.roundtrip(a, to, b"2")?;
+    // A fourth client: served, and bb's flow is evicted.
+    b.roundtrip(d, to, b"3")?;
+    created(4, 1)?;
+    // a kept its flow; bb needs a new one (evicting c, now the oldest).
+    b.roundtrip(a, to, b"4")?;
+    created(4, 1)?;
+    b.roundtrip(bb, to, b"5")?;
+    created(5, 2)?;
+    b.roundtrip(d, to, b"6")?;
+    created(5, 2)?;
+    for _ in 0..8 {
+        assert!(s.echo.next_peer(WAIT).is_ok());
+    }
+    Ok(())
+}
+
+/// One datagram per way of being invalid on a datagram listener.
+fn malformed() -> Vec<(&'static str, Vec<u8>)> {
+    let client = sa("198.51.100.40:4000");
+    let dst = mm(HOST_V4);
+    let good = dgram(client, dst);
+    let mut bad_crc = V2Builder::proxy(client, dst)
+        .transport(Transport::Dgram)
+        .crc32c()
+        .build()
+        .unwrap_or_default();
+    if let Some(last) = bad_crc.last_mut() {
+        *last ^= 0xff;
+    }
+    vec![
+        ("v1 text", {
+            let mut v = encode_v1(client, dst);
+            v.extend_from_slice(b"payload");
+            v
+        }),
+        (
+            "v2 STREAM transport",
+            V2Builder::proxy(client, dst).build().unwrap_or_default(),
+        ),
+        ("truncated v2", good[..good.len() - 3].to_vec()),
+        ("bad CRC32C", bad_crc),
+        ("garbage", b"\x00\x01garbage that is not a header".to_vec()),
+        ("empty", Vec::new()),
+    ]
+}
+
+#[test]
+fn burst_of_malformed_datagrams_is_dropped_counted_and_the_next_good_one_answered() -> Result<()> {
+    if !privileged("burst_of_malformed_datagrams_is_dropped_counted_and_the_next_good_one_answered")
+    {
+        return Ok(());
+    }
+    let s = setup(&["-l", "0.0.0.0:8443"])?;
+    let b = Balancer::new(&s.t, LB_V4)?;
+    let to = mm(HOST_V4);
+    let cases = malformed();
+    const ROUNDS: usize = 50;
+    for _ in 0..ROUNDS {
+        for (name, bytes) in &cases {
+            b.0.send_to(bytes, to).with_context(|| name.to_string())?;
+        }
+    }
+    // Datagrams from one socket are handled in order: once this is answered, every
+    // malformed one before it has been looked at.
+    b.roundtrip(sa("198.51.100.41:4100"), to, b"good")?;
+    assert_eq!(s.echo.next_peer(WAIT)?, sa("198.51.100.41:4100"));
+    let line = s.daemon.stats()?;
+    let bad = (ROUNDS * cases.len()) as u64;
+    assert_eq!(counter(&line, "udp_dropped_invalid"), bad, "{line}");
+    assert_eq!(counter(&line, "udp_datagrams"), bad + 1, "{line}");
+    assert_eq!(counter(&line, "udp_flows_created"), 1, "{line}");
+    assert_eq!(counter(&line, "udp_upstream_errors"), 0, "{line}");
+    ensure!(
+        s.echo.take_peers().is_empty(),
+        "a malformed datagram reached the service"
+    );
+
+    // Rate-limited: a few lines and then a count, not one line per datagram.
+    s.daemon.wait_for("suppressed", WAIT)?;
+    let log = s.daemon.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("invalid datagram dropped"))
+        .count();
+    assert!(
+        (1..=20).contains(&lines),
+        "{lines} log lines for {bad} invalid datagrams"
+    );
+    for reason in [
+        "v1_on_datagram",
+        "v2_transport_mismatch",
+        "truncated",
+        "v2_crc32c_mismatch",
+    ] {
+        assert!(log.contains(reason), "no {reason} in the log:\n{log}");
+    }
+    // Still serving.
+    b.roundtrip(sa("198.51.100.42:4200"), to, b"still here")?;
+    Ok(())
+}
+
+#[test]
+fn go_mmproxy_udp_invocation_works_unchanged_and_sigterm_exits_cleanly() -> Result<()> {
+    if !privileged("go_mmproxy_udp_invocation_works_unchanged_and_sigterm_exits_cleanly") {
+        return Ok(());
+    }
+    let t = Topology::new()?;
+    let echo = UdpEcho::start(&t.host, &["127.0.0.1:25578", "[::1]:25578"])?;
+    let dir = mmproxy_tests::haproxy::TempDir::new("prefixes")?;
+    std::fs::write(
+        dir.0.join("path-prefixes.txt"),
+        format!("{LB_V4}/32\n{LB_V6}/128\n"),
+    )?;
+    let script = format!(
+        "cd {} && exec {} -p udp -l 0.0.0.0:25577 -4 127.0.0.1:25578 -6 [::1]:25578 --allowed-subnets ./path-prefixes.txt",
+        dir.0.display(),
+        mmproxy_tests::daemon::binary().display()
+    );
+    let mut d = Daemon::start_command(&t.host, "sh", &["-c", &script])?;
+    let to = sa("192.0.2.2:25577");
+    // go-mmproxy's example listens on IPv4 only; IPv6 clients arrive over it too.
+    let b = Balancer::new(&t, LB_V4)?;
+    for client in ["198.51.100.50:5000", "[2001:db8:c::50]:5000"] {
+        b.roundtrip(sa(client), to, b"drop-in")
+            .with_context(|| format!("{client}\n{}", d.log_text()))?;
+        assert_eq!(echo.next_peer(WAIT)?, sa(client));
+    }
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(WAIT)?;
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
