@@ -1,5 +1,6 @@
 //! Shared pieces of the end-to-end suite: namespaces, the standard topology, and the
 //! real peers (HAProxy, an upstream server, the mmproxy daemon itself).
+pub mod bench;
 pub mod client;
 pub mod daemon;
 pub mod haproxy;

@@ -2,6 +2,7 @@
 //!
 //! Everything a fresh machine needs is installed here, idempotently, so the README's
 //! two commands are all a newcomer or CI types.
+mod bench;
 mod compile;
 mod fuzz;
 mod setup;
@@ -33,6 +34,20 @@ enum Command {
         no_fuzz: bool,
         /// Only run tests whose name contains this
         filter: Option<String>,
+    },
+    /// Benchmark mmproxy side by side with go-mmproxy, HAProxy and no proxy (needs
+    /// root; see BENCHMARKS.md)
+    Bench {
+        /// A smoke run of a few seconds (what `cargo xtask test` runs); writes only
+        /// under target/bench-quick
+        #[arg(long)]
+        quick: bool,
+        /// A go-mmproxy-compatible binary to measure as well (repeatable)
+        #[arg(long = "peer")]
+        peers: Vec<std::path::PathBuf>,
+        /// Passed to the runner: --rounds N, --only WORKLOAD, --no-pin, …
+        #[arg(last = true)]
+        extra: Vec<String>,
     },
     /// Run the PROXY decoder fuzzer
     Fuzz {
@@ -66,6 +81,15 @@ fn main() -> Result<()> {
             ))
         }
         Command::Test { no_fuzz, filter } => test::run_all(no_fuzz, filter.as_deref()),
+        Command::Bench {
+            quick,
+            peers,
+            extra,
+        } => bench::run_full(&bench::Args {
+            quick,
+            peers,
+            extra,
+        }),
         Command::Fuzz { seconds } => fuzz::run_for(seconds),
     }
 }

@@ -60,6 +60,16 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
     remove_stale_namespaces();
     result?;
 
+    if filter.is_none() {
+        // Only that the harness works end to end; no timing is judged.
+        step("benchmark smoke run (cargo xtask bench --quick)");
+        crate::bench::runner(&crate::bench::Args {
+            quick: true,
+            peers: Vec::new(),
+            extra: Vec::new(),
+        })?;
+    }
+
     if !no_fuzz {
         step("fuzzing the PROXY decoder for 60 s");
         crate::fuzz::run_for(60)?;

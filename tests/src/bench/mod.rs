@@ -1,0 +1,461 @@
+//! `cargo xtask bench`: mmproxy side by side with go-mmproxy, HAProxy and no proxy,
+//! in network namespaces of its own (shared/notes/design.md, "Test topology";
+//! BENCHMARKS.md has the method and the latest full run).
+//!
+//! Every workload runs for every configuration in turn, round after round, each
+//! measurement with a fresh proxy process; medians over the rounds are reported.
+pub mod chart;
+pub mod echo;
+pub mod load;
+pub mod net;
+pub mod proxies;
+pub mod report;
+pub mod sys;
+pub mod udp;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use load::Target;
+use net::{BenchNet, Tuples, ECHO_PORT, HOST, UDP_ECHO_PORT};
+use proxies::{Config, Proto};
+
+/// CPU of the generators and the echo servers; the proxy gets the other one.
+pub const LOAD_CPU: usize = 0;
+pub const PROXY_CPU: usize = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    Idle,
+    Latency,
+    Throughput,
+    ConnRate,
+    Udp,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::Idle,
+        Workload::Latency,
+        Workload::Throughput,
+        Workload::ConnRate,
+        Workload::Udp,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Idle => "idle",
+            Workload::Latency => "latency",
+            Workload::Throughput => "throughput",
+            Workload::ConnRate => "conn_rate",
+            Workload::Udp => "udp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Workload> {
+        Self::ALL.into_iter().find(|w| w.name() == s)
+    }
+
+    fn proto(self) -> Proto {
+        match self {
+            Workload::Udp => Proto::Udp,
+            _ => Proto::Tcp,
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Options {
+    pub quick: bool,
+    pub rounds: usize,
+    /// Length of the throughput run (the seed's 10 s).
+    pub throughput_secs: f64,
+    /// Length of the connection-rate, latency and UDP runs.
+    pub secs: f64,
+    pub idle_conns: usize,
+    /// Generators and echo on CPU 0, the proxy on CPU 1.
+    pub pin: bool,
+    pub workloads: Vec<Workload>,
+    /// Only the configurations with these names (all when empty).
+    pub configs: Vec<String>,
+    /// RLIMIT_NOFILE in force (set by `run`).
+    pub nofile: u64,
+    #[serde(skip)]
+    pub mmproxy: PathBuf,
+    #[serde(skip)]
+    pub peers: Vec<PathBuf>,
+    #[serde(skip)]
+    pub out: PathBuf,
+    /// The command line, for the record.
+    pub command: String,
+}
+
+/// One measurement: a workload against one configuration in one round.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    pub config: String,
+    pub workload: Workload,
+    pub round: usize,
+    pub metrics: BTreeMap<String, f64>,
+    pub error: Option<String>,
+    /// Why the configuration cannot run this workload in this build.
+    pub skipped: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Results {
+    pub machine: sys::Machine,
+    pub options: Options,
+    pub versions: BTreeMap<String, String>,
+    pub configs: Vec<String>,
+    pub samples: Vec<Sample>,
+    /// config → workload → metric → median over rounds.
+    pub medians: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
+    pub wall_secs: f64,
+}
+
+pub fn configs(opts: &Options) -> Vec<Config> {
+    use proxies::Kind;
+    let mut c = vec![
+        Config {
+            name: "no proxy".into(),
+            kind: Kind::NoProxy,
+            port: ECHO_PORT,
+        },
+        Config {
+            name: "mmproxy".into(),
+            kind: Kind::Mmproxy(opts.mmproxy.clone()),
+            port: 8443,
+        },
+        Config {
+            name: "go-mmproxy".into(),
+            kind: Kind::GoCompatible(proxies::GO_MMPROXY.into()),
+            port: 8444,
+        },
+        Config {
+            name: "HAProxy TPROXY".into(),
+            kind: Kind::Haproxy,
+            port: 8445,
+        },
+    ];
+    for (i, p) in opts.peers.iter().enumerate() {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("peer {i}"));
+        c.push(Config {
+            name,
+            kind: Kind::GoCompatible(p.clone()),
+            port: 8446 + i as u16,
+        });
+    }
+    if !opts.configs.is_empty() {
+        c.retain(|x| opts.configs.iter().any(|n| n == &x.name));
+    }
+    c
+}
+
+/// Descriptors go-mmproxy holds per idle connection (two sockets, two pipes): the
+/// most any configuration needs, so it bounds the idle connection count.
+const MAX_FDS_PER_CONN: u64 = 6;
+
+pub fn run(mut opts: Options) -> Result<Results> {
+    let wall = Instant::now();
+    let mut machine = sys::Machine::probe();
+    let nofile = sys::raise_nofile(1 << 20)?;
+    let fit = usize::try_from(nofile.saturating_sub(300) / MAX_FDS_PER_CONN).unwrap_or(usize::MAX);
+    if opts.idle_conns > fit {
+        let n = fit / 100 * 100;
+        eprintln!(
+            "bench: RLIMIT_NOFILE is {nofile} and cannot be raised here (CAP_SYS_RESOURCE); \
+             go-mmproxy needs {MAX_FDS_PER_CONN} descriptors per idle connection, so the idle \
+             workload opens {n} instead of {}",
+            opts.idle_conns
+        );
+        opts.idle_conns = n;
+    }
+    machine.nofile = nofile;
+    opts.nofile = nofile;
+    let configs = configs(&opts);
+    let net = BenchNet::new().context("creating the benchmark namespaces")?;
+    let host: std::net::Ipv4Addr = HOST.parse()?;
+    let _echo = echo::Echo::start(
+        &net.host,
+        SocketAddr::from(([0, 0, 0, 0], ECHO_PORT)),
+        &[
+            SocketAddr::from(([127, 0, 0, 1], UDP_ECHO_PORT)),
+            SocketAddr::from((host, UDP_ECHO_PORT)),
+        ],
+        opts.pin.then_some(LOAD_CPU),
+    )?;
+    let tuples = Tuples::default();
+    let mut samples = Vec::new();
+    for &w in &opts.workloads {
+        for round in 1..=opts.rounds {
+            for cfg in configs.iter().filter(|c| c.supports(w.proto())) {
+                let t0 = Instant::now();
+                let r = measure(&opts, &net, &tuples, cfg, w);
+                let (metrics, error, skipped) = match r {
+                    Ok(m) => (m, None, None),
+                    Err(e) => match e.downcast_ref::<proxies::Unsupported>() {
+                        Some(u) => (BTreeMap::new(), None, Some(u.0.clone())),
+                        None => (BTreeMap::new(), Some(format!("{e:#}")), None),
+                    },
+                };
+                let outcome = match (&error, &skipped) {
+                    (Some(e), _) => format!("FAILED: {e}"),
+                    (None, Some(s)) => format!("skipped: {s}"),
+                    (None, None) => summary(w, &metrics),
+                };
+                eprintln!(
+                    "bench: {:<10} round {round}/{} {:<16} {:>5.1}s {outcome}",
+                    w.name(),
+                    opts.rounds,
+                    cfg.name,
+                    t0.elapsed().as_secs_f64(),
+                );
+                samples.push(Sample {
+                    config: cfg.name.clone(),
+                    workload: w,
+                    round,
+                    metrics,
+                    error,
+                    skipped,
+                });
+            }
+        }
+    }
+    machine.load_after = sys::loadavg();
+    let medians = medians(&samples);
+    Ok(Results {
+        machine,
+        versions: versions(&opts),
+        configs: configs.iter().map(|c| c.name.clone()).collect(),
+        options: opts,
+        samples,
+        medians,
+        wall_secs: wall.elapsed().as_secs_f64(),
+    })
+}
+
+fn summary(w: Workload, m: &BTreeMap<String, f64>) -> String {
+    let g = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    match w {
+        Workload::Throughput => format!("{:.0} Mbps, cpu {:.2}s", g("total_mbps"), g("cpu_s")),
+        Workload::ConnRate => format!(
+            "{:.0} conn/s, p99 {:.2} ms, errors {}",
+            g("conns_per_s"),
+            g("p99_ms"),
+            g("errors")
+        ),
+        Workload::Latency => format!("p50 {:.1} µs, p99 {:.1} µs", g("p50_us"), g("p99_us")),
+        Workload::Udp => format!(
+            "{:.0} replies/s, loss {:.2}%",
+            g("replies_per_s"),
+            g("loss_pct")
+        ),
+        Workload::Idle => format!(
+            "{:.0} conns, proxy RSS {:.1} KiB/conn, slab {:.1} KiB/conn",
+            g("conns"),
+            g("rss_per_conn_kib"),
+            g("slab_per_conn_kib")
+        ),
+    }
+}
+
+fn measure(
+    opts: &Options,
+    net: &BenchNet,
+    tuples: &Tuples,
+    cfg: &Config,
+    w: Workload,
+) -> Result<BTreeMap<String, f64>> {
+    let proto = w.proto();
+    let proxy = cfg.start(net, proto, opts.pin.then_some(PROXY_CPU), opts.nofile)?;
+    let pid = proxy.as_ref().map(|p| p.pid);
+    let (addr, proxied) = cfg.target(proto);
+    let t = Target { addr, proxied };
+    let pin = opts.pin;
+    let secs = Duration::from_secs_f64(opts.secs);
+    let mut m = net.client.enter(|| -> Result<BTreeMap<String, f64>> {
+        if pin {
+            sys::pin_current_thread(LOAD_CPU)?;
+        }
+        let cpu = move || pid.and_then(|p| sys::cpu_seconds(p).ok());
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: f64| {
+            m.insert(k.to_owned(), v);
+        };
+        let cpu_s = match w {
+            Workload::Throughput => {
+                let r = load::throughput(
+                    &t,
+                    50,
+                    Duration::from_secs_f64(opts.throughput_secs),
+                    tuples,
+                    &cpu,
+                )?;
+                let mbps = |b: u64| b as f64 * 8.0 / r.secs / 1e6;
+                let msgs = |b: u64| b as f64 / 6.0 / r.secs;
+                put("down_mbps", mbps(r.down_bytes));
+                put("up_mbps", mbps(r.up_bytes));
+                put("total_mbps", mbps(r.down_bytes + r.up_bytes));
+                put("down_msgs", msgs(r.down_bytes));
+                put("up_msgs", msgs(r.up_bytes));
+                if let Some(c) = r.cpu_s {
+                    let gbit = (r.down_bytes + r.up_bytes) as f64 * 8.0 / 1e9;
+                    put("cpu_ms_per_gbit", c * 1000.0 / gbit.max(1e-9));
+                }
+                r.cpu_s
+            }
+            Workload::ConnRate => {
+                let r = load::conn_rate(&t, 50, secs, tuples, &cpu)?;
+                put("conns_per_s", r.completed as f64 / r.secs);
+                put("p50_ms", load::quantile(&r.times_us, 0.5) / 1000.0);
+                put("p99_ms", load::quantile(&r.times_us, 0.99) / 1000.0);
+                put("errors", r.errors as f64);
+                if let Some(c) = r.cpu_s {
+                    put("cpu_us_per_conn", c * 1e6 / (r.completed.max(1) as f64));
+                }
+                r.cpu_s
+            }
+            Workload::Latency => {
+                let r = load::ping_pong(&t, secs, tuples, &cpu)?;
+                put("p50_us", load::quantile(&r.rtt_ns, 0.5) / 1000.0);
+                put("p99_us", load::quantile(&r.rtt_ns, 0.99) / 1000.0);
+                put("p999_us", load::quantile(&r.rtt_ns, 0.999) / 1000.0);
+                put("round_trips_per_s", r.round_trips as f64 / r.secs);
+                r.cpu_s
+            }
+            Workload::Udp => {
+                let r = udp::closed_loop(&t, 50, secs, tuples, &cpu)?;
+                put("replies_per_s", r.received as f64 / r.secs);
+                put("loss_pct", r.loss() * 100.0);
+                put("sent", r.sent as f64);
+                r.cpu_s
+            }
+            Workload::Idle => {
+                idle(&t, opts, pid, tuples, &mut put)?;
+                None
+            }
+        };
+        if let Some(c) = cpu_s {
+            put("cpu_s", c);
+        }
+        Ok(m)
+    })??;
+    if let (Some(p), Some(pid)) = (&proxy, pid) {
+        if !p.alive() {
+            anyhow::bail!("the proxy died during the run");
+        }
+        if let Ok(hwm) = sys::status_kib(pid, "VmHWM:") {
+            m.insert("peak_rss_kib".into(), hwm as f64);
+        }
+    }
+    drop(proxy);
+    if w == Workload::Idle || w == Workload::ConnRate {
+        // Let the kernel finish tearing down thousands of sockets before the next
+        // measurement looks at memory or opens connections.
+        thread::sleep(Duration::from_millis(if opts.quick { 100 } else { 1000 }));
+    }
+    Ok(m)
+}
+
+/// Opens the idle connections and measures the proxy's RSS and the kernel's slab
+/// growth per connection. The slab figure includes the generator's and the echo
+/// server's sockets; the report subtracts the no-proxy figure to get the proxy's.
+fn idle(
+    t: &Target,
+    opts: &Options,
+    pid: Option<i32>,
+    tuples: &Tuples,
+    put: &mut dyn FnMut(&str, f64),
+) -> Result<()> {
+    let settle = Duration::from_millis(if opts.quick { 200 } else { 1000 });
+    thread::sleep(settle);
+    let rss = || pid.and_then(|p| sys::status_kib(p, "VmRSS:").ok());
+    let fds = || pid.map(sys::open_fds);
+    let (rss0, fds0, slab0) = (rss(), fds(), sys::slab_kib()?);
+    let (conns, errors) = load::open_idle(t, opts.idle_conns, 100, tuples)?;
+    thread::sleep(settle);
+    let (rss1, fds1, slab1) = (rss(), fds(), sys::slab_kib()?);
+    let n = conns.len().max(1) as f64;
+    put("conns", conns.len() as f64);
+    put("errors", errors as f64);
+    put("slab_per_conn_kib", (slab1 as f64 - slab0 as f64) / n);
+    if let (Some(a), Some(b)) = (rss0, rss1) {
+        put("rss_per_conn_kib", (b as f64 - a as f64) / n);
+    }
+    if let (Some(a), Some(b)) = (fds0, fds1) {
+        put("fds_per_conn", (b as f64 - a as f64) / n);
+    }
+    // Reset rather than FIN: no TIME_WAIT left to expire (and free slab) while the
+    // next measurement is looking at the slab.
+    for c in &conns {
+        let _ = socket2::SockRef::from(c).set_linger(Some(Duration::ZERO));
+    }
+    drop(conns);
+    Ok(())
+}
+
+fn medians(samples: &[Sample]) -> BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>> {
+    let mut all: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.error.is_none()) {
+        for (k, v) in &s.metrics {
+            if v.is_finite() {
+                all.entry((s.config.clone(), s.workload.name().to_owned(), k.clone()))
+                    .or_default()
+                    .push(*v);
+            }
+        }
+    }
+    let mut out: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>> = BTreeMap::new();
+    for ((c, w, k), mut v) in all {
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let med = if v.len() % 2 == 1 {
+            v.get(mid).copied().unwrap_or(f64::NAN)
+        } else {
+            (v.get(mid - 1).copied().unwrap_or(f64::NAN) + v.get(mid).copied().unwrap_or(f64::NAN))
+                / 2.0
+        };
+        out.entry(c)
+            .or_default()
+            .entry(w)
+            .or_default()
+            .insert(k, med);
+    }
+    out
+}
+
+fn versions(opts: &Options) -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    let dpkg = |p: &str| {
+        std::process::Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}", p])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    v.insert("go-mmproxy".into(), dpkg("go-mmproxy"));
+    v.insert("haproxy".into(), dpkg("haproxy"));
+    let git = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    v.insert(
+        "mmproxy".into(),
+        format!("{} ({})", git, opts.mmproxy.display()),
+    );
+    v
+}
