@@ -474,3 +474,49 @@ fn go_mmproxy_udp_invocation_works_unchanged_and_sigterm_exits_cleanly() -> Resu
     assert!(status.success(), "exit status {status}");
     Ok(())
 }
+
+#[test]
+fn service_on_a_wildcard_answering_from_another_address_is_relayed_and_other_ports_are_not(
+) -> Result<()> {
+    if !privileged(
+        "service_on_a_wildcard_answering_from_another_address_is_relayed_and_other_ports_are_not",
+    ) {
+        return Ok(());
+    }
+    let t = Topology::new()?;
+    // Bound to 0.0.0.0: it answers 198.51.100.x from the address routing picks for
+    // it (the default route's, 203.0.113.2), not from 127.0.0.1 where it was reached.
+    let echo = UdpEcho::start(&t.host, &["0.0.0.0:9001"])?;
+    let d = Daemon::start(
+        &t.host,
+        &[
+            "-p",
+            "udp",
+            "-l",
+            "0.0.0.0:8443",
+            "-4",
+            "127.0.0.1:9001",
+            "--ebpf",
+            "on",
+            "-v",
+            "1",
+        ],
+    )?;
+    let b = Balancer::new(&t, LB_V4)?;
+    let client = sa("198.51.100.60:6000");
+    let to = mm(HOST_V4);
+    b.roundtrip(client, to, b"from anywhere")
+        .with_context(|| d.log_text())?;
+    assert_eq!(echo.next_peer(WAIT)?, client);
+
+    // Something else on the host sending to the client's address and port (here from
+    // loopback, which the return-path rule delivers locally) is not the service.
+    let intruder = t.host.enter(|| UdpSocket::bind("127.0.0.1:0"))??;
+    intruder.send_to(b"not the service", client)?;
+    wait_counter(&d, "udp_replies_foreign", 1, WAIT)?;
+    // The balancer's next datagram is the service's answer, not the intruder's.
+    b.roundtrip(client, to, b"still the service")?;
+    let line = d.stats()?;
+    assert_eq!(counter(&line, "udp_replies"), 2, "{line}");
+    Ok(())
+}
