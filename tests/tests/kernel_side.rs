@@ -333,7 +333,17 @@ fn placement_c_service_in_another_namespace_behind_a_veth() -> Result<()> {
         bulk_roundtrip(&mut c, 1 << 20)?;
         assert_eq!(echo.next_peer(WAIT)?, client.parse()?);
     }
-    let marked = counter(&d.stats()?, "kernel_return_marked");
+    // The proxied connections' closing handshakes are answers too: wait until they
+    // are through and the counter stands still.
+    let mut marked = counter(&d.stats()?, "kernel_return_marked");
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = counter(&d.stats()?, "kernel_return_marked");
+        if now == marked {
+            break;
+        }
+        marked = now;
+    }
     assert!(marked > 0, "no answer was marked");
 
     // The host's own connection to the same service is not an mmproxy flow: its
@@ -342,6 +352,8 @@ fn placement_c_service_in_another_namespace_behind_a_veth() -> Result<()> {
     let mut own = connect_from(&t.host, None, &sock(APP_V4, 9000), WAIT)??;
     own.set_read_timeout(Some(WAIT))?;
     roundtrip(&mut own, b"the host's own")?;
+    bulk_roundtrip(&mut own, 256 << 10)?;
+    drop(own);
     echo4.next_peer(WAIT)?;
     let line = d.stats()?;
     assert_eq!(counter(&line, "kernel_return_marked"), marked, "{line}");
@@ -394,9 +406,21 @@ fn ifindex(ns: &Netns, dev: &str) -> Result<u32> {
 
 /// `"prog_id":N` of every BPF link in the system, per `bpftool link show -j`.
 fn attached_prog_ids() -> Result<BTreeSet<u32>> {
-    let out = mmproxy_tests::netns::output(
-        std::process::Command::new("bpftool").args(["link", "show", "-j"]),
-    )?;
+    // bpftool fails when a link it has just listed goes away before it opens it
+    // (other tests' daemons come and go): try again.
+    let mut tries = 0;
+    let out = loop {
+        match mmproxy_tests::netns::output(
+            std::process::Command::new("bpftool").args(["link", "show", "-j"]),
+        ) {
+            Ok(out) => break out,
+            Err(e) if tries >= 20 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
     Ok(out
         .split("\"prog_id\":")
         .skip(1)
