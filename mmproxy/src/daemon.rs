@@ -108,7 +108,13 @@ pub async fn run(args: Args) -> Result<()> {
     if !udp_sockets.is_empty() {
         udp::raise_nofile_limit(args.max_flows);
         let mut udp_ctx = udp::UdpContext::from_args(&args, stats.clone());
-        udp_ctx.flows = steering.clone();
+        // Whenever the kernel side is loaded, not only when tc steers: sk_lookup also
+        // consults the flow table, so that an answer to a client port inside a
+        // wildcard listen range is not taken for a proxy's datagram.
+        udp_ctx.flows = kernel
+            .as_ref()
+            .and_then(|k| k.lock().ok())
+            .map(|k| k.flows());
         let udp_ctx = Arc::new(udp_ctx);
         for socket in udp_sockets.into_iter().flatten() {
             let socket =

@@ -556,3 +556,276 @@ fn attached_while_running_and_nothing_left_after_sigterm_or_sigkill() -> Result<
     assert_eq!(rules(&t.host)?, before, "rules after the restart's SIGTERM");
     Ok(())
 }
+
+// ---------------------------------------------------------------- UDP
+
+/// A UDP service in `ns` bound to `addr` (a wildcard included), answering every
+/// datagram with `<sender>|<payload>`. Its thread ends with the namespace's sockets
+/// when the test drops everything (recv times out and the channel is gone).
+fn udp_service(ns: &Netns, addr: &str) -> Result<std::sync::mpsc::Receiver<SocketAddr>> {
+    let addr: SocketAddr = addr.parse()?;
+    let socket = ns.enter(move || std::net::UdpSocket::bind(addr))??;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                if tx.send(SocketAddr::from(([0, 0, 0, 0], 0))).is_err() {
+                    return;
+                }
+                continue;
+            };
+            let mut answer = format!("{from}|").into_bytes();
+            answer.extend_from_slice(buf.get(..n).unwrap_or_default());
+            let _ = socket.send_to(&answer, from);
+            if tx.send(from).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The next real sender the service saw (skipping its idle ticks).
+fn udp_peer(rx: &std::sync::mpsc::Receiver<SocketAddr>) -> Result<SocketAddr> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        match rx.recv_timeout(WAIT) {
+            Ok(a) if a.port() != 0 => return Ok(a),
+            Ok(_) => continue,
+            Err(e) => bail!("the UDP service saw nothing: {e}"),
+        }
+    }
+    bail!("the UDP service saw nothing")
+}
+
+/// The balancer's UDP socket in `lb`, bound to `src`.
+fn udp_balancer(t: &Topology, src: &str) -> Result<std::net::UdpSocket> {
+    let bind: SocketAddr = sock(src, 0).parse()?;
+    let s = t.lb.enter(move || std::net::UdpSocket::bind(bind))??;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    Ok(s)
+}
+
+/// Sends one PROXY v2 DGRAM datagram for `client` to `mm`; the answer, if any.
+fn udp_exchange(
+    s: &std::net::UdpSocket,
+    client: &str,
+    mm: &str,
+    payload: &[u8],
+) -> Result<Option<Vec<u8>>> {
+    use mmproxy::proxy_protocol::{Transport, V2Builder};
+    let mm: SocketAddr = mm.parse()?;
+    let mut d = V2Builder::proxy(client.parse()?, mm)
+        .transport(Transport::Dgram)
+        .build()?;
+    d.extend_from_slice(payload);
+    s.send_to(&d, mm)?;
+    let mut buf = vec![0u8; 65536];
+    match s.recv_from(&mut buf) {
+        Ok((n, _)) => Ok(Some(buf.get(..n).unwrap_or_default().to_vec())),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn udp_answer(client: &str, payload: &str) -> Vec<u8> {
+    format!("{client}|{payload}").into_bytes()
+}
+
+#[test]
+fn udp_disallowed_proxy_is_dropped_by_the_kernel_and_sighup_swaps_the_policy() -> Result<()> {
+    if !privileged("udp_disallowed_proxy_is_dropped_by_the_kernel_and_sighup_swaps_the_policy") {
+        return Ok(());
+    }
+    let t = Topology::new()?;
+    let service = udp_service(&t.host, "127.0.0.1:9000")?;
+    let dir = TempDir::new("allowed")?;
+    let file = dir.0.join("allowed.txt");
+    std::fs::write(&file, format!("{LB_V4}/32\n"))?;
+    let path = file.to_string_lossy().into_owned();
+    let d = Daemon::start(
+        &t.host,
+        &[
+            "-p",
+            "udp",
+            "-l",
+            "0.0.0.0:8443",
+            "-4",
+            "127.0.0.1:9000",
+            "--allowed-subnets",
+            &path,
+            "--ebpf",
+            "on",
+        ],
+    )?;
+    let mm = sock(HOST_V4, 8443);
+    let allowed = udp_balancer(&t, LB_V4)?;
+    let other = udp_balancer(&t, LB_OTHER_V4)?;
+    assert_eq!(
+        udp_exchange(&other, "198.51.100.9:46000", &mm, b"x")?,
+        None,
+        "a refused proxy got an answer"
+    );
+    let got = udp_exchange(&allowed, "198.51.100.9:46001", &mm, b"ok")?;
+    assert_eq!(got, Some(udp_answer("198.51.100.9:46001", "ok")));
+    assert_eq!(udp_peer(&service)?, "198.51.100.9:46001".parse()?);
+    let line = d.stats()?;
+    assert_eq!(counter(&line, "kernel_refused_v4"), 1, "{line}");
+    assert_eq!(
+        counter(&line, "udp_datagrams"),
+        1,
+        "userspace saw only one: {line}"
+    );
+
+    std::fs::write(&file, format!("{LB_OTHER_V4}/32\n"))?;
+    d.signal(libc::SIGHUP);
+    d.wait_for("SIGHUP: reloaded", WAIT)?;
+    assert_eq!(
+        udp_exchange(&allowed, "198.51.100.9:46001", &mm, b"x")?,
+        None
+    );
+    let got = udp_exchange(&other, "198.51.100.9:46002", &mm, b"now")?;
+    assert_eq!(got, Some(udp_answer("198.51.100.9:46002", "now")));
+    let line = d.stats()?;
+    assert_eq!(counter(&line, "kernel_refused_v4"), 2, "{line}");
+    assert_eq!(counter(&line, "udp_datagrams"), 2, "{line}");
+    Ok(())
+}
+
+/// Placement (b): a UDP service bound to 0.0.0.0 answers from the address routing
+/// picks for the client (gw0's), not the target's; and a port range whose wildcard
+/// rule covers the client's own port must not take the answer for a proxy datagram.
+#[test]
+fn udp_placement_b_service_bound_to_the_wildcard_and_a_port_range() -> Result<()> {
+    if !privileged("udp_placement_b_service_bound_to_the_wildcard_and_a_port_range") {
+        return Ok(());
+    }
+    let t = Topology::new()?;
+    let service = udp_service(&t.host, "0.0.0.0:9000")?;
+    let d = Daemon::start(
+        &t.host,
+        &[
+            "-p",
+            "udp",
+            "-l",
+            "0.0.0.0:8443",
+            "-l",
+            "0.0.0.0:20000-20999",
+            "-4",
+            "127.0.0.1:9000",
+            "--ebpf",
+            "on",
+        ],
+    )?;
+    let lb = udp_balancer(&t, LB_V4)?;
+    for (client, mm) in [
+        ("198.51.100.9:47000", sock(HOST_V4, 8443)),
+        // The client's port lies inside the listened range.
+        ("198.51.100.9:20600", sock(HOST_V4, 8443)),
+        ("198.51.100.9:47001", sock(HOST_V4, 20999)),
+    ] {
+        let got =
+            udp_exchange(&lb, client, &mm, b"b").with_context(|| format!("{client} via {mm}"))?;
+        assert_eq!(
+            got,
+            Some(udp_answer(client, "b")),
+            "{client} via {mm}\n{}",
+            d.log_text()
+        );
+        assert_eq!(udp_peer(&service)?, client.parse()?);
+    }
+    let line = d.stats()?;
+    assert!(counter(&line, "kernel_return_redirected") >= 3, "{line}");
+    assert_eq!(counter(&line, "kernel_steered"), 1, "{line}");
+    Ok(())
+}
+
+/// Placements (a) and (c) for UDP: a service on the host's own address, and one in
+/// the `app` namespace behind app0.
+#[test]
+fn udp_placements_a_and_c() -> Result<()> {
+    if !privileged("udp_placements_a_and_c") {
+        return Ok(());
+    }
+    let t = Topology::with_app()?;
+    let app = t.app.as_ref().context("app namespace")?;
+    for (ns, target, counter_name) in [
+        (&t.host, sock(HOST_V4, 9000), "kernel_return_redirected"),
+        (app, sock(APP_V4, 9000), "kernel_return_marked"),
+    ] {
+        let service = udp_service(ns, &target)?;
+        let d = Daemon::start(
+            &t.host,
+            &[
+                "-p",
+                "udp",
+                "-l",
+                "0.0.0.0:8443",
+                "-4",
+                &target,
+                "--ebpf",
+                "on",
+            ],
+        )?;
+        let lb = udp_balancer(&t, LB_V4)?;
+        let client = "198.51.100.9:48000";
+        let got = udp_exchange(&lb, client, &sock(HOST_V4, 8443), b"ac")?;
+        assert_eq!(
+            got,
+            Some(udp_answer(client, "ac")),
+            "{target}\n{}",
+            d.log_text()
+        );
+        assert_eq!(udp_peer(&service)?, client.parse()?);
+        let line = d.stats()?;
+        assert!(counter(&line, counter_name) > 0, "{target}: {line}");
+    }
+    Ok(())
+}
+
+/// Without a default route nothing is steered by tc, yet sk_lookup must still tell a
+/// loopback service's answer to a client port inside a wildcard range from a proxy's
+/// datagram (the flow table is filled whenever the kernel side is loaded).
+#[test]
+fn udp_answer_to_a_client_port_inside_a_wildcard_range_without_tc_steering() -> Result<()> {
+    if !privileged("udp_answer_to_a_client_port_inside_a_wildcard_range_without_tc_steering") {
+        return Ok(());
+    }
+    let t = Topology::new()?;
+    t.host.ip(&["route", "del", "default"])?;
+    t.host.ip(&["-6", "route", "del", "default"])?;
+    let service = udp_service(&t.host, "127.0.0.1:9000")?;
+    let d = Daemon::start(
+        &t.host,
+        &[
+            "-p",
+            "udp",
+            "-l",
+            "0.0.0.0:20000-20999",
+            "-4",
+            "127.0.0.1:9000",
+            "--ebpf",
+            "on",
+        ],
+    )?;
+    assert!(
+        !d.log_text().contains("return path: tc"),
+        "{}",
+        d.log_text()
+    );
+    let lb = udp_balancer(&t, LB_V4)?;
+    let client = "198.51.100.9:20600";
+    let got = udp_exchange(&lb, client, &sock(HOST_V4, 20000), b"in range")?;
+    assert_eq!(
+        got,
+        Some(udp_answer(client, "in range")),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(udp_peer(&service)?, client.parse()?);
+    let line = d.stats()?;
+    assert_eq!(counter(&line, "udp_datagrams"), 1, "{line}");
+    Ok(())
+}
