@@ -81,9 +81,19 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
 fn remove_stale_namespaces() {
     let list = output(Command::new("ip").args(["netns", "list"]));
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        if name.starts_with(NETNS_PREFIX) {
+        if name.starts_with(NETNS_PREFIX) && !creator_alive(name) {
             step(&format!("removing leftover namespace {name}"));
             succeeds(Command::new("ip").args(["netns", "del", name]));
         }
     }
+}
+
+/// Names are `mmpt-<pid>-…` (tests/src/netns.rs): a namespace whose creator still runs
+/// belongs to a test or benchmark in progress (another `cargo xtask test`, a bench),
+/// not to a killed one.
+fn creator_alive(name: &str) -> bool {
+    name.strip_prefix(NETNS_PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
