@@ -28,12 +28,13 @@ pub struct Echo {
 
 impl Echo {
     /// TCP echo on `tcp`, UDP echo on each of `udp`, all inside `ns`, their threads
-    /// pinned to `cpu` when given.
+    /// pinned to `cpu` when given and at nice value `nice`.
     pub fn start(
         ns: &Netns,
         tcp: SocketAddr,
         udp: &[SocketAddr],
         cpu: Option<usize>,
+        nice: i32,
     ) -> Result<Echo> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -50,6 +51,7 @@ impl Echo {
             if let Some(cpu) = cpu {
                 let _ = super::sys::pin_current_thread(cpu);
             }
+            let _ = super::sys::nice_current_thread(nice);
             if let Err(e) = tcp_loop(TcpListener::from_std(listener), &st) {
                 eprintln!("bench: tcp echo stopped: {e}");
             }
@@ -62,6 +64,7 @@ impl Echo {
                 if let Some(cpu) = cpu {
                     let _ = super::sys::pin_current_thread(cpu);
                 }
+                let _ = super::sys::nice_current_thread(nice);
                 udp_loop(&sock, &st);
             }));
         }

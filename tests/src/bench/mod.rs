@@ -81,6 +81,9 @@ pub struct Options {
     pub idle_conns: usize,
     /// Generators and echo on CPU 0, the proxy on CPU 1.
     pub pin: bool,
+    /// Nice value of the generators, the echo servers and the proxies: on a shared
+    /// machine, other work then disturbs the measurement less (the same for all).
+    pub nice: i32,
     pub workloads: Vec<Workload>,
     /// Only the configurations with these names (all when empty).
     pub configs: Vec<String>,
@@ -181,6 +184,9 @@ pub fn run(mut opts: Options) -> Result<Results> {
         opts.idle_conns = n;
     }
     machine.nofile = nofile;
+    if opts.nice != 0 {
+        sys::nice_autogroup(opts.nice);
+    }
     opts.nofile = nofile;
     let configs = configs(&opts);
     let net = BenchNet::new().context("creating the benchmark namespaces")?;
@@ -193,6 +199,7 @@ pub fn run(mut opts: Options) -> Result<Results> {
             SocketAddr::from((host, UDP_ECHO_PORT)),
         ],
         opts.pin.then_some(LOAD_CPU),
+        opts.nice,
     )?;
     let tuples = Tuples::default();
     let mut samples = Vec::new();
@@ -277,16 +284,24 @@ fn measure(
     w: Workload,
 ) -> Result<BTreeMap<String, f64>> {
     let proto = w.proto();
-    let proxy = cfg.start(net, proto, opts.pin.then_some(PROXY_CPU), opts.nofile)?;
+    let proxy = cfg.start(
+        net,
+        proto,
+        opts.pin.then_some(PROXY_CPU),
+        opts.nice,
+        opts.nofile,
+    )?;
     let pid = proxy.as_ref().map(|p| p.pid);
     let (addr, proxied) = cfg.target(proto);
     let t = Target { addr, proxied };
     let pin = opts.pin;
+    let nice = opts.nice;
     let secs = Duration::from_secs_f64(opts.secs);
     let mut m = net.client.enter(|| -> Result<BTreeMap<String, f64>> {
         if pin {
             sys::pin_current_thread(LOAD_CPU)?;
         }
+        sys::nice_current_thread(nice)?;
         let cpu = move || pid.and_then(|p| sys::cpu_seconds(p).ok());
         let mut m = BTreeMap::new();
         let mut put = |k: &str, v: f64| {

@@ -97,19 +97,24 @@ impl BenchNet {
 
 /// Client addresses for PROXY headers, never the same twice in a run: spoofed
 /// tuples of closed flows sit in TIME_WAIT on the host for a minute, so a reused
-/// one could not be connected from again. 2 × 250 addresses × 64,000 ports.
+/// one could not be connected from again. Consecutive connections come from
+/// different addresses (500 of them, then the next port), as real clients do:
+/// HAProxy's `usesrc clientip` picks an ephemeral port per client address, and
+/// one address for thousands of short connections would run out of ports.
 #[derive(Default)]
 pub struct Tuples {
     next: AtomicU64,
 }
 
+const ADDRESSES: u64 = 500;
+
 impl Tuples {
     pub fn next(&self) -> SocketAddr {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let port = 1024 + (n % 64_000) as u16;
-        let host = n / 64_000;
+        let host = n % ADDRESSES;
+        let port = 1024 + ((n / ADDRESSES) % 64_000) as u16;
         let last = 2 + (host % 250) as u8;
-        let ip = if (host / 250).is_multiple_of(2) {
+        let ip = if host < 250 {
             Ipv4Addr::new(198, 51, 100, last)
         } else {
             Ipv4Addr::new(203, 0, 113, last)

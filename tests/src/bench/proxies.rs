@@ -73,13 +73,14 @@ impl Config {
     }
 
     /// Starts a fresh proxy for one measurement (None for "no proxy"), on `cpu` if
-    /// given.
+    /// given, at nice value `nice`.
     /// `nofile` is the descriptor limit the proxy inherits (HAProxy sizes itself to it).
     pub fn start(
         &self,
         net: &BenchNet,
         proto: Proto,
         cpu: Option<usize>,
+        nice: i32,
         nofile: u64,
     ) -> Result<Option<Proxy>> {
         let listen = format!("0.0.0.0:{}", self.port);
@@ -98,6 +99,9 @@ impl Config {
             Proto::Udp => "udp",
         };
         let mut argv: Vec<String> = Vec::new();
+        if nice != 0 {
+            argv.extend(["nice".into(), "-n".into(), nice.to_string()]);
+        }
         if let Some(cpu) = cpu {
             argv.extend(["taskset".into(), "-c".into(), cpu.to_string()]);
         }
@@ -213,7 +217,8 @@ impl Proxy {
     }
 }
 
-/// `ip netns exec host argv…`: ip and taskset exec, so the child's pid is the proxy's.
+/// `ip netns exec host argv…`: ip, nice and taskset exec, so the child's pid is the
+/// proxy's.
 /// Its output goes to `dir`/log.
 fn spawn(net: &BenchNet, argv: &[String], dir: &TempDir) -> Result<KillOnDrop> {
     let (prog, args) = argv.split_first().context("empty command")?;

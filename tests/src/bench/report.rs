@@ -288,12 +288,13 @@ pub fn preamble(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "- layout: {}; whole run {:.0} s",
+        "- layout: {}, nice {}; whole run {:.0} s",
         if r.options.pin {
             "generators and echo servers pinned to CPU 0, the proxy to CPU 1"
         } else {
             "nothing pinned"
         },
+        r.options.nice,
         r.wall_secs
     );
     s

@@ -21,6 +21,28 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Sets the calling thread's nice value (Linux: per thread).
+pub fn nice_current_thread(nice: i32) -> Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on our own thread id.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 {
+        anyhow::bail!("setpriority({nice}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// With scheduler autogroups (kernel.sched_autogroup_enabled), nice values only
+/// order threads within a session: sets this session's group nice as well, so the
+/// benchmark's processes get their share against other sessions' builds. Without
+/// autogroups the file is absent and this does nothing.
+pub fn nice_autogroup(nice: i32) {
+    if std::path::Path::new("/proc/self/autogroup").exists() {
+        let _ = fs::write("/proc/self/autogroup", nice.to_string());
+    }
+}
+
 /// Raises the descriptor limit as far as allowed: to `want` (soft and hard) with
 /// CAP_SYS_RESOURCE, else the soft limit to the hard one. Children (the proxies)
 /// inherit it. Returns the soft limit in force.

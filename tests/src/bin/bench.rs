@@ -38,6 +38,9 @@ struct Cli {
     /// descriptor limit).
     #[arg(long)]
     idle_conns: Option<usize>,
+    /// Nice value for the generators, echo servers and proxies (0: leave it).
+    #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+    nice: i32,
     /// Do not pin the generators and the proxy to separate CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -78,6 +81,7 @@ fn main() -> Result<()> {
             .idle_conns
             .unwrap_or(if cli.quick { 200 } else { 10_000 }),
         pin: !cli.no_pin,
+        nice: cli.nice,
         workloads,
         configs: cli.configs,
         nofile: 0,
