@@ -58,6 +58,9 @@ impl Echo {
         }));
         for &addr in udp {
             let sock = ns.enter(move || UdpSocket::bind(addr))??;
+            // Room for every client's whole window at once: drops here would be
+            // counted against the proxy.
+            force_buffers(&sock, 4 << 20);
             sock.set_read_timeout(Some(Duration::from_millis(100)))?;
             let st = stop.clone();
             threads.push(thread::spawn(move || {
@@ -201,5 +204,22 @@ fn udp_loop(sock: &UdpSocket, stop: &AtomicBool) {
             }
             Err(_) => continue,
         }
+    }
+}
+
+/// SO_RCVBUFFORCE / SO_SNDBUFFORCE (root: above net.core.rmem_max); best effort.
+fn force_buffers(sock: &UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: setsockopt reads an int from a valid pointer for the call.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
 }
