@@ -78,22 +78,19 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Removes namespaces left by test processes that are gone. Names carry the creating
+/// process's PID (`mmpt-<pid>-…`), so a concurrent run's namespaces are left alone.
 fn remove_stale_namespaces() {
     let list = output(Command::new("ip").args(["netns", "list"]));
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        if name.starts_with(NETNS_PREFIX) && !creator_alive(name) {
+        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        let owner = rest.split('-').next().unwrap_or_default();
+        let alive = !owner.is_empty() && std::path::Path::new("/proc").join(owner).exists();
+        if !alive {
             step(&format!("removing leftover namespace {name}"));
             succeeds(Command::new("ip").args(["netns", "del", name]));
         }
     }
-}
-
-/// Names are `mmpt-<pid>-…` (tests/src/netns.rs): a namespace whose creator still runs
-/// belongs to a test or benchmark in progress (another `cargo xtask test`, a bench),
-/// not to a killed one.
-fn creator_alive(name: &str) -> bool {
-    name.strip_prefix(NETNS_PREFIX)
-        .and_then(|rest| rest.split('-').next())
-        .and_then(|pid| pid.parse::<u32>().ok())
-        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
