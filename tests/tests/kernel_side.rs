@@ -440,11 +440,18 @@ fn prog_listed(id: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Policy rules and every route not made by the kernel itself (those come and go by
+/// themselves: IPv6 link-local routes appear a moment after a link is up).
 fn rules(ns: &Netns) -> Result<String> {
     let mut s = ns.ip_output(&["rule", "show"])?;
     s.push_str(&ns.ip_output(&["-6", "rule", "show"])?);
-    s.push_str(&ns.ip_output(&["route", "show", "table", "all"])?);
-    s.push_str(&ns.ip_output(&["-6", "route", "show", "table", "all"])?);
+    for family in ["-4", "-6"] {
+        let routes = ns.ip_output(&[family, "route", "show", "table", "all"])?;
+        for line in routes.lines().filter(|l| !l.contains("proto kernel")) {
+            s.push_str(line);
+            s.push('\n');
+        }
+    }
     Ok(s)
 }
 
@@ -554,6 +561,64 @@ fn attached_while_running_and_nothing_left_after_sigterm_or_sigkill() -> Result<
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(WAIT)?.success());
     assert_eq!(rules(&t.host)?, before, "rules after the restart's SIGTERM");
+    // The killed instance's record of accept_local outlived it: restored now.
+    assert_eq!(accept_local(&t.host)?, accept_before);
+    Ok(())
+}
+
+/// A TCP and a UDP instance in one namespace (as go-mmproxy deployments run them):
+/// the first to stop leaves accept_local and the rules to the other, which keeps
+/// steering; the last one restores everything.
+#[test]
+fn two_instances_share_the_return_path_and_the_last_one_restores_it() -> Result<()> {
+    if !privileged("two_instances_share_the_return_path_and_the_last_one_restores_it") {
+        return Ok(());
+    }
+    let t = Topology::new()?;
+    let echo = EchoServer::start(&t.host, &sock(HOST_V4, 9000))?;
+    let service = udp_service(&t.host, &sock(HOST_V4, 9000))?;
+    let before = rules(&t.host)?;
+    let accept_before = accept_local(&t.host)?;
+    let target = sock(HOST_V4, 9000);
+    let mut tcp = Daemon::start(
+        &t.host,
+        &["-l", "0.0.0.0:8443", "-4", &target, "--ebpf", "on"],
+    )?;
+    let mut udp = Daemon::start(
+        &t.host,
+        &[
+            "-p",
+            "udp",
+            "-l",
+            "0.0.0.0:8443",
+            "-4",
+            &target,
+            "--ebpf",
+            "on",
+        ],
+    )?;
+    let mut c = proxied(&t, LB_V4, &sock(HOST_V4, 8443), "198.51.100.9:49000")?;
+    roundtrip(&mut c, b"tcp")?;
+    echo.next_peer(WAIT)?;
+    drop(c);
+
+    tcp.signal(libc::SIGTERM);
+    assert!(tcp.wait_exit(WAIT)?.success());
+    assert_eq!(
+        accept_local(&t.host)?,
+        "1",
+        "still needed by the UDP instance"
+    );
+    let lb = udp_balancer(&t, LB_V4)?;
+    let client = "198.51.100.9:49001";
+    let got = udp_exchange(&lb, client, &sock(HOST_V4, 8443), b"udp")?;
+    assert_eq!(got, Some(udp_answer(client, "udp")), "{}", udp.log_text());
+    assert_eq!(udp_peer(&service)?, client.parse()?);
+
+    udp.signal(libc::SIGTERM);
+    assert!(udp.wait_exit(WAIT)?.success());
+    assert_eq!(accept_local(&t.host)?, accept_before);
+    assert_eq!(rules(&t.host)?, before);
     Ok(())
 }
 

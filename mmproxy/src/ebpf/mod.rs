@@ -10,6 +10,7 @@ pub mod flows;
 pub mod ifaces;
 mod rules;
 mod subnets;
+mod sysctl;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -27,13 +28,11 @@ pub use flows::{FlowError, FlowProtocol, FlowRegistration, FlowRegistry, ReturnF
 pub use ifaces::ReturnInterfaces;
 pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};
+use sysctl::AcceptLocal;
 
 /// Set to 1 to make [`KernelSide::load`] fail, so the userspace fallback of
 /// `--ebpf auto` can be tested on a machine where BPF works.
 pub const FAIL_ENV: &str = "MMPROXY_TEST_FAIL_BPF";
-
-/// Where accept_local for `lo` lives in this process's network namespace.
-const LO_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
 
 /// The BPF object built by `cargo xtask build`, or empty when the daemon was built
 /// without it.
@@ -77,7 +76,7 @@ pub enum EbpfError {
         source: Box<ProgramError>,
     },
     #[error(
-        "setting {LO_ACCEPT_LOCAL} (answers redirected into lo carry a local source address): {0}"
+        "setting net.ipv4.conf.lo.accept_local (answers redirected into lo carry a local source address): {0}"
     )]
     Sysctl(#[source] std::io::Error),
     #[error("no interface lo in this network namespace")]
@@ -155,8 +154,8 @@ pub struct KernelSide {
     flows: Arc<KernelFlows>,
     /// tc programs are attached: answers of registered flows are steered.
     return_steering: bool,
-    /// accept_local of lo before mmproxy set it, to restore at exit.
-    accept_local_was: Option<String>,
+    /// lo's accept_local is on for this process (restored by the last one out).
+    accept_local: Option<AcceptLocal>,
     logger: Option<tokio::task::JoinHandle<()>>,
     _ebpf: Ebpf,
 }
@@ -242,10 +241,10 @@ impl KernelSide {
 
         // Answers redirected into lo carry one of this host's addresses as their
         // source, which lo drops as martian unless accept_local is on.
-        let accept_local_was = if opts.return_path.egress.is_empty() {
+        let accept_local = if opts.return_path.egress.is_empty() {
             None
         } else {
-            set_accept_local()?
+            Some(AcceptLocal::enable().map_err(EbpfError::Sysctl)?)
         };
         let mut kernel = Self {
             allowed_v4,
@@ -255,7 +254,7 @@ impl KernelSide {
             listeners,
             flows: KernelFlows::new(flows_map, flow_capacity),
             return_steering: !opts.return_path.is_empty(),
-            accept_local_was,
+            accept_local,
             logger,
             _ebpf: ebpf,
         };
@@ -388,23 +387,12 @@ impl Drop for KernelSide {
         if let Some(task) = self.logger.take() {
             task.abort();
         }
-        if let Some(old) = self.accept_local_was.take() {
-            if let Err(e) = std::fs::write(LO_ACCEPT_LOCAL, old) {
-                tracing::warn!("restoring {LO_ACCEPT_LOCAL}: {e}");
+        if let Some(setting) = self.accept_local.take() {
+            if let Err(e) = setting.release() {
+                tracing::warn!("restoring net.ipv4.conf.lo.accept_local: {e}");
             }
         }
     }
-}
-
-/// Turns accept_local on for lo; returns the previous value if it was changed.
-fn set_accept_local() -> Result<Option<String>, EbpfError> {
-    let old = std::fs::read_to_string(LO_ACCEPT_LOCAL).map_err(EbpfError::Sysctl)?;
-    let old = old.trim().to_owned();
-    if old == "1" {
-        return Ok(None);
-    }
-    std::fs::write(LO_ACCEPT_LOCAL, "1").map_err(EbpfError::Sysctl)?;
-    Ok(Some(old))
 }
 
 fn if_index(name: &str) -> Option<u32> {
