@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::allowed_subnets::{AllowList, SharedAllowList};
 use crate::cli::{Args, EbpfMode, Protocol};
-use crate::ebpf::{self, KernelOptions, KernelSide};
+use crate::ebpf::{self, FlowRegistry, KernelOptions, KernelSide};
 use crate::listener;
 use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
@@ -36,25 +36,10 @@ pub async fn run(args: Args) -> Result<()> {
 
     // Listening sockets first: a port in use is the commonest start-up error and
     // should be reported before anything is installed in the kernel.
-    let mut sockets = Vec::new();
-    // With -p udp, UDP sockets are bound instead and `sockets` stays empty.
-    let mut udp_sockets = Vec::new();
-    for spec in &args.listen {
-        let addr = SocketAddr::new(spec.addr, *spec.ports.start());
-        let listening = || format!("listening on {addr}");
-        match args.protocol {
-            Protocol::Tcp => {
-                sockets.push(listener::bind_tcp(addr, args.listeners).with_context(listening)?)
-            }
-            Protocol::Udp => {
-                udp_sockets.push(udp::bind_udp(addr, args.listeners).with_context(listening)?)
-            }
-        }
-    }
-
-    let kernel = match args.protocol {
-        Protocol::Tcp => start_kernel_side(&args, &allowed, &sockets).await?,
-        Protocol::Udp => start_kernel_side(&args, &allowed, &udp_sockets).await?,
+    let bound = Bound::bind(&args)?;
+    let kernel = match &bound {
+        Bound::Tcp(groups) => start_kernel_side(&args, &allowed, groups).await?,
+        Bound::Udp(groups) => start_kernel_side(&args, &allowed, groups).await?,
     };
     let steering = kernel
         .as_ref()
@@ -77,63 +62,28 @@ pub async fn run(args: Args) -> Result<()> {
         Some(installed)
     };
 
-    let mut ctx = TcpContext::from_args(&args, stats.clone());
-    ctx.flows = steering.clone();
-    let ctx = Arc::new(ctx);
-    let limits = Arc::new(Semaphore::new(args.max_connections));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let mut listening = Vec::new();
-    for group in sockets {
-        for socket in group {
-            let socket =
-                tokio::net::TcpListener::from_std(socket).context("registering listener")?;
-            listening.push(
-                socket
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
-            );
-            let allowed = allowed.clone();
-            tracker.spawn(listener::serve_tcp(
-                socket,
-                ctx.clone(),
-                move |ip| allowed.allows(ip),
-                limits.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            ));
-        }
-    }
-    if !udp_sockets.is_empty() {
-        udp::raise_nofile_limit(args.max_flows);
-        let mut udp_ctx = udp::UdpContext::from_args(&args, stats.clone());
+    let serving = Serving {
+        args: &args,
+        stats: &stats,
+        allowed: &allowed,
+        shutdown: &shutdown,
+        tracker: &tracker,
+    };
+    let listening = match bound {
+        Bound::Tcp(groups) => serving.tcp(groups, steering)?,
         // Whenever the kernel side is loaded, not only when tc steers: sk_lookup also
         // consults the flow table, so that an answer to a client port inside a
         // wildcard listen range is not taken for a proxy's datagram.
-        udp_ctx.flows = kernel
-            .as_ref()
-            .and_then(|k| k.lock().ok())
-            .map(|k| k.flows());
-        let udp_ctx = Arc::new(udp_ctx);
-        for socket in udp_sockets.into_iter().flatten() {
-            let socket =
-                tokio::net::UdpSocket::from_std(socket).context("registering UDP socket")?;
-            listening.push(
-                socket
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
-            );
-            let allowed = allowed.clone();
-            tracker.spawn(udp::serve_udp(
-                socket,
-                udp_ctx.clone(),
-                move |ip| allowed.allows(ip),
-                shutdown.clone(),
-            ));
-        }
-    }
+        Bound::Udp(groups) => serving.udp(
+            groups,
+            kernel
+                .as_ref()
+                .and_then(|k| k.lock().ok())
+                .map(|k| k.flows()),
+        )?,
+    };
     info!(
         listen = %listening.join(","),
         ebpf = kernel.is_some(),
@@ -150,8 +100,9 @@ pub async fn run(args: Args) -> Result<()> {
     shutdown.cancel();
     tracker.close();
     if let Some(routes) = routes {
-        if let Err(e) = routes.remove().await {
-            error!("removing return-path routing: {e}");
+        match routes.remove().await {
+            Ok(report) => info!("return-path routing: {report}"),
+            Err(e) => error!("removing return-path routing: {e}"),
         }
     }
     drop(kernel);
@@ -160,13 +111,113 @@ pub async fn run(args: Args) -> Result<()> {
         .is_err()
     {
         warn!(
-            "{} connections still open after the grace period; closing them",
-            stats.tcp_active.load(std::sync::atomic::Ordering::Relaxed)
+            "{} connections and {} UDP flows still open after the grace period; closing them",
+            stats.tcp_active.load(std::sync::atomic::Ordering::Relaxed),
+            stats
+                .udp_flows_active
+                .load(std::sync::atomic::Ordering::Relaxed)
         );
     }
     stats_task.abort();
     info!("stopped; {}", stats.render());
     Ok(())
+}
+
+/// The listening sockets of every `-l`, one group of `--listeners` sockets each.
+enum Bound {
+    Tcp(Vec<Vec<std::net::TcpListener>>),
+    Udp(Vec<Vec<std::net::UdpSocket>>),
+}
+
+impl Bound {
+    /// Binds each `-l` on its first port (a range is steered there by the kernel).
+    fn bind(args: &Args) -> Result<Self> {
+        let addrs = args
+            .listen
+            .iter()
+            .map(|spec| SocketAddr::new(spec.addr, *spec.ports.start()));
+        let listening = |addr: SocketAddr| move || format!("listening on {addr}");
+        Ok(match args.protocol {
+            Protocol::Tcp => Bound::Tcp(
+                addrs
+                    .map(|a| listener::bind_tcp(a, args.listeners).with_context(listening(a)))
+                    .collect::<Result<_>>()?,
+            ),
+            Protocol::Udp => Bound::Udp(
+                addrs
+                    .map(|a| udp::bind_udp(a, args.listeners).with_context(listening(a)))
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
+}
+
+/// What every serving task shares; each method spawns one task per socket and
+/// returns the addresses now served.
+struct Serving<'a> {
+    args: &'a Args,
+    stats: &'a Arc<Stats>,
+    allowed: &'a Arc<SharedAllowList>,
+    shutdown: &'a CancellationToken,
+    tracker: &'a TaskTracker,
+}
+
+impl Serving<'_> {
+    fn tcp(
+        &self,
+        groups: Vec<Vec<std::net::TcpListener>>,
+        flows: Option<Arc<dyn FlowRegistry>>,
+    ) -> Result<Vec<String>> {
+        let mut ctx = TcpContext::from_args(self.args, self.stats.clone());
+        ctx.flows = flows;
+        let ctx = Arc::new(ctx);
+        let limits = Arc::new(Semaphore::new(self.args.max_connections));
+        let mut listening = Vec::new();
+        for socket in groups.into_iter().flatten() {
+            let socket =
+                tokio::net::TcpListener::from_std(socket).context("registering listener")?;
+            listening.push(shown(socket.local_addr()));
+            let allowed = self.allowed.clone();
+            self.tracker.spawn(listener::serve_tcp(
+                socket,
+                ctx.clone(),
+                move |ip| allowed.allows(ip),
+                limits.clone(),
+                self.shutdown.clone(),
+                self.tracker.clone(),
+            ));
+        }
+        Ok(listening)
+    }
+
+    fn udp(
+        &self,
+        groups: Vec<Vec<std::net::UdpSocket>>,
+        flows: Option<Arc<dyn FlowRegistry>>,
+    ) -> Result<Vec<String>> {
+        udp::raise_nofile_limit(self.args.max_flows);
+        let mut ctx = udp::UdpContext::from_args(self.args, self.stats.clone());
+        ctx.flows = flows;
+        let ctx = Arc::new(ctx);
+        let mut listening = Vec::new();
+        for socket in groups.into_iter().flatten() {
+            let socket =
+                tokio::net::UdpSocket::from_std(socket).context("registering UDP socket")?;
+            listening.push(shown(socket.local_addr()));
+            let allowed = self.allowed.clone();
+            self.tracker.spawn(udp::serve_udp(
+                socket,
+                ctx.clone(),
+                move |ip| allowed.allows(ip),
+                self.shutdown.clone(),
+            ));
+        }
+        Ok(listening)
+    }
+}
+
+fn shown(addr: std::io::Result<SocketAddr>) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_default()
 }
 
 type Kernel = Arc<std::sync::Mutex<KernelSide>>;
