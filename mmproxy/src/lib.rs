@@ -19,5 +19,7 @@ pub mod routing;
 pub mod sockopt;
 pub mod stats;
 pub mod tcp;
+#[cfg(test)]
+mod testing;
 pub mod udp;
 pub mod upstream;

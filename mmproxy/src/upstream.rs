@@ -264,45 +264,45 @@ mod tests {
         assert!(matches!(e, UpstreamError::FamilyMismatch { .. }), "{e}");
     }
 
-    /// Needs CAP_NET_ADMIN and the loopback return-path routing, so it runs only in a
-    /// throwaway namespace:
-    /// ```text
-    /// ip netns add mmp-up
-    /// ip netns exec mmp-up sh -c 'ip link set lo up
-    ///   ip rule add from 127.0.0.0/8 iif lo lookup 100
-    ///   ip route add local 0.0.0.0/0 dev lo table 100
-    ///   ip -6 rule add from ::1/128 iif lo lookup 100
-    ///   ip -6 route add local ::/0 dev lo table 100
-    ///   $TEST_BINARY --ignored upstream::tests::transparent'
-    /// ip netns del mmp-up
-    /// ```
-    #[tokio::test]
-    #[ignore = "needs CAP_NET_ADMIN and return-path routing: run in a network namespace"]
-    async fn transparent_connect_binds_the_client_address() {
-        let o = UpstreamOptions { mark: 7, ..opts() };
-        for (listen, client, seen) in [
-            ("127.0.0.1:0", "198.51.100.9:40000", "198.51.100.9:40000"),
-            (
-                "127.0.0.1:0",
-                "[::ffff:198.51.100.10]:40001",
-                "198.51.100.10:40001",
-            ),
-            ("[::1]:0", "[2001:db8::9]:40002", "[2001:db8::9]:40002"),
-            ("127.0.0.1:0", "203.0.113.5:0", "203.0.113.5:0"),
-        ] {
-            let l = TcpListener::bind(listen).await.unwrap();
-            let to = UpstreamAddr(l.local_addr().unwrap());
-            let client = ClientAddr(client.parse().unwrap());
-            let (up, accepted) = tokio::join!(connect(Some(client), to, &o), l.accept());
-            let up = up.unwrap();
-            let (_, peer) = accepted.unwrap();
-            let seen: SocketAddr = seen.parse().unwrap();
-            assert_eq!(peer.ip(), seen.ip());
-            if seen.port() != 0 {
-                assert_eq!(peer.port(), seen.port());
-            }
-            assert_eq!(socket2::SockRef::from(&up).mark().unwrap(), 7);
-        }
+    /// IP_TRANSPARENT needs CAP_NET_ADMIN and the answers need the loopback
+    /// return-path routing: both are set up in a network namespace of the test's own.
+    #[test]
+    fn transparent_connect_binds_the_client_address() {
+        crate::testing::in_netns(
+            "transparent_connect_binds_the_client_address",
+            |_, lock_dir| async move {
+                let targets = ["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+                let plan = crate::routing::RoutingPlan::for_targets(100, &targets);
+                let routes = crate::routing::install_with_lock_dir(&plan, &lock_dir)
+                    .await
+                    .unwrap();
+                let o = UpstreamOptions { mark: 7, ..opts() };
+                for (listen, client, seen) in [
+                    ("127.0.0.1:0", "198.51.100.9:40000", "198.51.100.9:40000"),
+                    (
+                        "127.0.0.1:0",
+                        "[::ffff:198.51.100.10]:40001",
+                        "198.51.100.10:40001",
+                    ),
+                    ("[::1]:0", "[2001:db8::9]:40002", "[2001:db8::9]:40002"),
+                    ("127.0.0.1:0", "203.0.113.5:0", "203.0.113.5:0"),
+                ] {
+                    let l = TcpListener::bind(listen).await.unwrap();
+                    let to = UpstreamAddr(l.local_addr().unwrap());
+                    let client = ClientAddr(client.parse().unwrap());
+                    let (up, accepted) = tokio::join!(connect(Some(client), to, &o), l.accept());
+                    let up = up.unwrap();
+                    let (_, peer) = accepted.unwrap();
+                    let seen: SocketAddr = seen.parse().unwrap();
+                    assert_eq!(peer.ip(), seen.ip());
+                    if seen.port() != 0 {
+                        assert_eq!(peer.port(), seen.port());
+                    }
+                    assert_eq!(socket2::SockRef::from(&up).mark().unwrap(), 7);
+                }
+                routes.remove().await.unwrap();
+            },
+        );
     }
 
     #[test]
