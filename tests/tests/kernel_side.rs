@@ -823,16 +823,105 @@ fn udp_placement_b_service_bound_to_the_wildcard_and_a_port_range() -> Result<()
         assert_eq!(udp_peer(&service)?, client.parse()?);
     }
     // Another port of the range: the kernel steers the datagram to the range's socket
-    // and the service gets it. (Its answer leaves from that socket's port, 20000, not
-    // 20999: answering from the port the balancer used needs the original
-    // destination port in the UDP path — not done, so it is not checked here.)
+    // and the service gets it; the answer leaves from the port the balancer used
+    // (udp_exchange checks the source).
     let client = "198.51.100.9:47002";
-    let (answer, _) = udp_send(&lb, client, &sock(HOST_V4, 20999), b"b")?;
-    assert_eq!(answer, Some(udp_answer(client, "b")));
+    let answer = udp_exchange(&lb, client, &sock(HOST_V4, 20999), b"b")?;
+    assert_eq!(answer, Some(udp_answer(client, "b")), "{}", d.log_text());
     assert_eq!(udp_peer(&service)?, client.parse()?);
     let line = d.stats()?;
     assert!(counter(&line, "kernel_return_redirected") >= 4, "{line}");
     assert_eq!(counter(&line, "kernel_steered"), 2, "{line}");
+    Ok(())
+}
+
+fn open_fds(pid: i32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// A range is one socket on its first port, yet an answer to a datagram sent to any
+/// port of it must come from that port (balancers match answers by address and
+/// port), IPv4 and IPv6; a flow whose datagrams move to another port is answered
+/// from the latest; the sockets answering from other ports never take the range's
+/// datagrams, and close with their flows.
+#[test]
+fn udp_range_answers_leave_from_the_port_the_proxy_sent_to() -> Result<()> {
+    if !privileged("udp_range_answers_leave_from_the_port_the_proxy_sent_to") {
+        return Ok(());
+    }
+    let t = Topology::new()?;
+    let service4 = udp_service(&t.host, "127.0.0.1:9000")?;
+    let service6 = udp_service(&t.host, "[::1]:9000")?;
+    let d = Daemon::start(
+        &t.host,
+        &[
+            "-p",
+            "udp",
+            "-l",
+            "0.0.0.0:20000-20999",
+            "-l",
+            "[::]:20000-20999",
+            "-4",
+            "127.0.0.1:9000",
+            "-6",
+            "[::1]:9000",
+            "--close-after",
+            "1",
+            "--ebpf",
+            "on",
+        ],
+    )?;
+    let fds_before = open_fds(d.pid())?;
+    let mut exchanged = 0;
+    for (lb_addr, host, client_ip, service) in [
+        (LB_V4, HOST_V4, CLIENT_V4, &service4),
+        (LB_V6, HOST_V6, CLIENT_V6, &service6),
+    ] {
+        let lb = udp_balancer(&t, lb_addr)?;
+        // The last and a middle port, each a flow of its own; then the first
+        // client's flow again on the last port (the socket answering from it must
+        // not have taken the datagram from the range's socket), moving to the middle
+        // port and to the range's own port: answered from the latest each time.
+        for (client_port, port) in [
+            (47100u16, 20999u16),
+            (47101, 20517),
+            (47100, 20999),
+            (47100, 20517),
+            (47100, 20000),
+            (47101, 20517),
+        ] {
+            let client = sock(client_ip, client_port);
+            let mm = sock(host, port);
+            let payload = format!("to {port}");
+            let got = udp_exchange(&lb, &client, &mm, payload.as_bytes())
+                .with_context(|| format!("{client} via {mm}\n{}", d.log_text()))?;
+            assert_eq!(
+                got,
+                Some(udp_answer(&client, &payload)),
+                "{client} via {mm}\n{}",
+                d.log_text()
+            );
+            assert_eq!(udp_peer(service)?, client.parse()?);
+            exchanged += 1;
+        }
+    }
+    let line = d.stats()?;
+    assert_eq!(counter(&line, "udp_replies"), exchanged, "{line}");
+    assert_eq!(counter(&line, "udp_datagrams"), exchanged, "{line}");
+    // Idle for --close-after 1: flows close, and the reply sockets with them.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let fds = open_fds(d.pid())?;
+        if fds <= fds_before {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{fds} descriptors open, {fds_before} before the flows\n{}",
+            d.stats()?
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
 

@@ -47,6 +47,9 @@ pub struct Received<'a> {
     pub source: Option<SocketAddr>,
     /// Where the sender sent it (IP_PKTINFO / IPV6_PKTINFO), when enabled.
     pub local: Option<LocalDst>,
+    /// The address and port the sender sent to (IP_ORIGDSTADDR / IPV6_ORIGDSTADDR),
+    /// when enabled: another port than the socket's own when sk_lookup steered it.
+    pub orig_dst: Option<SocketAddr>,
     /// The datagram did not fit the buffer (cannot happen with [`MAX_DATAGRAM`]
     /// buffers; checked rather than assumed).
     pub truncated: bool,
@@ -145,15 +148,14 @@ impl RecvBatch {
         let controllen = usize::try_from(hdr.msg_hdr.msg_controllen)
             .unwrap_or(0)
             .min(CONTROL_LEN);
-        let local = self
-            .control
-            .get(i)
-            .and_then(|c| c.0.get(..controllen))
-            .and_then(cmsg::parse_pktinfo);
+        let control = self.control.get(i).and_then(|c| c.0.get(..controllen));
+        let local = control.and_then(cmsg::parse_pktinfo);
+        let orig_dst = control.and_then(cmsg::parse_origdst);
         Some(Received {
             data,
             source,
             local,
+            orig_dst,
             truncated: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
         })
     }
@@ -317,7 +319,9 @@ mod tests {
 
     fn pktinfo_on(s: &UdpSocket) {
         socket2::SockRef::from(s).set_nonblocking(true).unwrap();
-        super::super::enable_pktinfo(s, s.local_addr().unwrap().is_ipv6()).unwrap();
+        let v6 = s.local_addr().unwrap().is_ipv6();
+        super::super::enable_pktinfo(s, v6).unwrap();
+        super::super::enable_origdst(s, v6).unwrap();
     }
 
     #[test]
@@ -349,6 +353,7 @@ mod tests {
                             let d = b.get(i).unwrap();
                             assert_eq!(d.source, Some(tx.local_addr().unwrap()));
                             assert_eq!(d.local.unwrap().addr, dst.ip(), "{bind}");
+                            assert_eq!(d.orig_dst, Some(dst), "{bind}");
                             assert!(!d.truncated);
                             got.push(d.data.to_vec());
                         }

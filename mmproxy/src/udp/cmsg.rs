@@ -7,11 +7,15 @@
 //! unknown peer. Receiving PKTINFO tells us the address; sending it back in a control
 //! message makes the kernel use it as the source (go-mmproxy leaves this out).
 //!
+//! IP_ORIGDSTADDR / IPV6_ORIGDSTADDR add the destination *port*: a port range is one
+//! socket on the range's first port that sk_lookup steers every port of the range to,
+//! so the socket's own port does not say which port the proxy sent to.
+//!
 //! The control buffers are plain byte slices; headers and payloads are read and written
 //! with unaligned copies of the libc structs, so this module never trusts the buffer's
 //! alignment and never reads outside it, whatever lengths the headers claim.
 use std::mem::size_of;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// The local end of a datagram as the proxy addressed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -24,9 +28,10 @@ pub struct LocalDst {
 }
 
 /// Bytes of control buffer each received or sent message gets: room for one
-/// `in6_pktinfo` (the larger of the two) with slack for another small message the
-/// kernel may add. A control message that does not fit sets MSG_CTRUNC and is ignored.
-pub const CONTROL_LEN: usize = 64;
+/// `in6_pktinfo` and one `sockaddr_in6` (IPV6_ORIGDSTADDR), the larger of each pair,
+/// with slack for another small message the kernel may add. A control message that
+/// does not fit sets MSG_CTRUNC and is ignored.
+pub const CONTROL_LEN: usize = 128;
 
 /// glibc's CMSG_ALIGN: control messages are padded to `size_t`.
 const fn align(len: usize) -> usize {
@@ -43,6 +48,9 @@ pub const fn space(len: usize) -> usize {
 
 const _: () = assert!(space(size_of::<libc::in6_pktinfo>()) <= CONTROL_LEN);
 const _: () = assert!(space(size_of::<libc::in_pktinfo>()) <= CONTROL_LEN);
+const _: () = assert!(
+    space(size_of::<libc::in6_pktinfo>()) + space(size_of::<libc::sockaddr_in6>()) <= CONTROL_LEN
+);
 
 /// Reads a `T` from `buf` at `offset`, if the whole `T` lies inside `buf`.
 fn read<T: Copy>(buf: &[u8], offset: usize) -> Option<T> {
@@ -67,38 +75,81 @@ fn write<T: Copy>(buf: &mut [u8], offset: usize, value: T) -> bool {
     true
 }
 
-/// The destination of a received datagram, from the control messages the kernel
-/// filled in (`control` is the `msg_controllen` bytes it reported). `None` when no
-/// PKTINFO is present, e.g. the option was not enabled or MSG_CTRUNC cut it off.
-pub fn parse_pktinfo(control: &[u8]) -> Option<LocalDst> {
-    let mut offset = 0;
-    while let Some(hdr) = read::<libc::cmsghdr>(control, offset) {
+/// Every control message in `control` as (level, type, data), stopping at the first
+/// header that is malformed (shorter than itself, or reaching past the buffer).
+fn messages(control: &[u8]) -> impl Iterator<Item = (libc::c_int, libc::c_int, &[u8])> {
+    let mut offset = Some(0usize);
+    std::iter::from_fn(move || {
+        let at = offset?;
+        offset = None;
+        let hdr = read::<libc::cmsghdr>(control, at)?;
         // size_t on glibc, socklen_t on musl: a no-op conversion on some targets.
         #[allow(clippy::useless_conversion)]
         let len = usize::try_from(hdr.cmsg_len).ok()?;
         if len < HEADER_LEN {
             return None;
         }
-        let data = offset + HEADER_LEN;
-        match (hdr.cmsg_level, hdr.cmsg_type) {
-            (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                let info: libc::in_pktinfo = read(control.get(..offset + len)?, data)?;
-                return Some(LocalDst {
-                    addr: IpAddr::V4(Ipv4Addr::from(info.ipi_addr.s_addr.to_ne_bytes())),
-                    ifindex: u32::try_from(info.ipi_ifindex).unwrap_or(0),
-                });
-            }
-            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                let info: libc::in6_pktinfo = read(control.get(..offset + len)?, data)?;
-                return Some(LocalDst {
-                    addr: IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)),
-                    ifindex: info.ipi6_ifindex,
-                });
-            }
-            _ => offset = offset.checked_add(align(len))?,
+        let data = control.get(at.checked_add(HEADER_LEN)?..at.checked_add(len)?)?;
+        offset = at.checked_add(align(len));
+        Some((hdr.cmsg_level, hdr.cmsg_type, data))
+    })
+}
+
+/// The destination of a received datagram, from the control messages the kernel
+/// filled in (`control` is the `msg_controllen` bytes it reported). `None` when no
+/// PKTINFO is present, e.g. the option was not enabled or MSG_CTRUNC cut it off.
+pub fn parse_pktinfo(control: &[u8]) -> Option<LocalDst> {
+    messages(control).find_map(|(level, kind, data)| match (level, kind) {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+            let info: libc::in_pktinfo = read(data, 0)?;
+            Some(LocalDst {
+                addr: IpAddr::V4(Ipv4Addr::from(info.ipi_addr.s_addr.to_ne_bytes())),
+                ifindex: u32::try_from(info.ipi_ifindex).unwrap_or(0),
+            })
         }
-    }
-    None
+        (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+            let info: libc::in6_pktinfo = read(data, 0)?;
+            Some(LocalDst {
+                addr: IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)),
+                ifindex: info.ipi6_ifindex,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// The original destination (address *and port*) of a received datagram, from
+/// IP_ORIGDSTADDR / IPV6_ORIGDSTADDR. A datagram the sk_lookup program steered from
+/// another port of a range to the range's socket reports the port the proxy sent to
+/// here, while the socket's own port is the range's first. `None` when absent.
+pub fn parse_origdst(control: &[u8]) -> Option<SocketAddr> {
+    messages(control).find_map(|(level, kind, data)| match (level, kind) {
+        (libc::IPPROTO_IP, libc::IP_ORIGDSTADDR) => {
+            let sin: libc::sockaddr_in = read(data, 0)?;
+            if libc::c_int::from(sin.sin_family) != libc::AF_INET {
+                return None;
+            }
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        (libc::IPPROTO_IPV6, libc::IPV6_ORIGDSTADDR) => {
+            let sin6: libc::sockaddr_in6 = read(data, 0)?;
+            if libc::c_int::from(sin6.sin6_family) != libc::AF_INET6 {
+                return None;
+            }
+            // The kernel fills the scope for link-local destinations: a socket bound
+            // to the address needs it.
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                0,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    })
 }
 
 /// Writes the control message that makes an answer leave from `src`, and returns its
@@ -278,6 +329,114 @@ mod tests {
             assert_eq!(parse_pktinfo(&b[..n]), None, "claimed {claimed}");
         }
         assert_eq!(parse_pktinfo(&[]), None);
+    }
+
+    /// What the kernel writes for IP_ORIGDSTADDR / IPV6_ORIGDSTADDR after `offset`.
+    fn origdst_message(buf: &mut [u8], offset: usize, addr: SocketAddr) -> usize {
+        // SAFETY: plain old data.
+        let mut h: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                h.cmsg_level = libc::IPPROTO_IP;
+                h.cmsg_type = libc::IP_ORIGDSTADDR;
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                assert!(write(buf, offset + HEADER_LEN, sin));
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                h.cmsg_level = libc::IPPROTO_IPV6;
+                h.cmsg_type = libc::IPV6_ORIGDSTADDR;
+                // SAFETY: plain old data.
+                let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                sin6.sin6_scope_id = a.scope_id();
+                assert!(write(buf, offset + HEADER_LEN, sin6));
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        h.cmsg_len = (HEADER_LEN + len) as _;
+        assert!(write(buf, offset, h));
+        space(len)
+    }
+
+    #[test]
+    fn origdst_is_found_next_to_pktinfo_in_either_order_for_both_families() {
+        for (addr, dst) in [
+            ("192.0.2.4", "192.0.2.4:20999"),
+            ("2001:db8::4", "[2001:db8::4]:20500"),
+            ("fe80::4", "[fe80::4%7]:20001"),
+        ] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let src = LocalDst {
+                addr: addr.parse().unwrap(),
+                ifindex: 7,
+            };
+            // PKTINFO first (as the kernel orders them), then ORIGDSTADDR.
+            let mut buf = [0u8; CONTROL_LEN];
+            let n = write_pktinfo(&mut buf, &src);
+            let n = n + origdst_message(&mut buf, n, dst);
+            assert!(n <= CONTROL_LEN);
+            assert_eq!(parse_origdst(&buf[..n]), Some(dst), "{dst}");
+            // (A sent IPv4 PKTINFO names ipi_spec_dst, which receiving ignores.)
+            assert!(parse_pktinfo(&buf[..n]).is_some(), "{dst}");
+            // ORIGDSTADDR alone, and first.
+            let mut buf = [0u8; CONTROL_LEN];
+            let m = origdst_message(&mut buf, 0, dst);
+            assert_eq!(parse_origdst(&buf[..m]), Some(dst));
+            assert_eq!(parse_pktinfo(&buf[..m]), None);
+            let m = m + write_pktinfo(&mut buf[m..], &src);
+            assert_eq!(parse_origdst(&buf[..m]), Some(dst));
+            assert!(parse_pktinfo(&buf[..m]).is_some(), "{dst}");
+            // PKTINFO alone has no port.
+            let mut buf = [0u8; CONTROL_LEN];
+            let k = write_pktinfo(&mut buf, &src);
+            assert_eq!(parse_origdst(&buf[..k]), None);
+        }
+    }
+
+    #[test]
+    fn truncated_lying_or_mislabelled_origdst_is_rejected() {
+        for dst in ["192.0.2.4:20999", "[2001:db8::4]:20500"] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let mut buf = [0u8; CONTROL_LEN];
+            let n = origdst_message(&mut buf, 0, dst);
+            let data_len = if dst.is_ipv4() {
+                size_of::<libc::sockaddr_in>()
+            } else {
+                size_of::<libc::sockaddr_in6>()
+            };
+            for cut in 0..HEADER_LEN + data_len {
+                assert_eq!(parse_origdst(&buf[..cut]), None, "{dst} cut {cut}");
+            }
+            assert_eq!(parse_origdst(&buf[..n]), Some(dst));
+            // A header claiming less data than a sockaddr: never a read past it.
+            let mut h = header(&buf);
+            h.cmsg_len = (HEADER_LEN + 4) as _;
+            let mut b = buf;
+            write(&mut b, 0, h);
+            assert_eq!(parse_origdst(&b[..n]), None, "{dst}");
+            for claimed in [0usize, HEADER_LEN - 1, usize::MAX] {
+                let mut h = header(&buf);
+                h.cmsg_len = claimed as _;
+                let mut b = buf;
+                write(&mut b, 0, h);
+                assert_eq!(parse_origdst(&b[..n]), None, "{dst} claimed {claimed}");
+            }
+            // The right level and type with the other family's address inside.
+            let mut b = buf;
+            b[HEADER_LEN] ^= 0xff;
+            b[HEADER_LEN + 1] ^= 0xff;
+            assert_eq!(parse_origdst(&b[..n]), None, "{dst} wrong family");
+        }
     }
 
     #[test]

@@ -22,6 +22,15 @@
 //! - Each flow's answers are read by a small task of its own (recvmmsg into a
 //!   per-thread buffer, sendmmsg through the listening socket with IP_PKTINFO /
 //!   IPV6_PKTINFO naming the local address the proxy used, see [`cmsg`]).
+//! - Answers leave from the address *and port* the proxy sent to. A port range is
+//!   one socket on its first port that sk_lookup steers the whole range to, so a
+//!   datagram may have been sent to another port than the socket's own: the
+//!   listening socket receives IP_ORIGDSTADDR / IPV6_ORIGDSTADDR, and when that port
+//!   differs, answers leave from a `ReplySocket` bound to exactly that address and
+//!   port (one per address and port per listener, shared by its flows, closed with
+//!   the last of them) instead of the listening socket. A proxy that sends one
+//!   client's datagrams to several ports (one flow) is answered from the port of its
+//!   latest datagram, as the address already follows the latest datagram.
 //! - Flows idle for `--close-after` seconds in both directions are closed by the
 //!   listener task's periodic sweep; closing a flow aborts its task and closes its
 //!   socket.
@@ -42,11 +51,12 @@ pub mod flows;
 mod sockaddr;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -219,8 +229,9 @@ fn hint(e: &io::Error) -> &'static str {
 
 /// Opens `count` UDP sockets on `addr` (at least one), sharing it through
 /// SO_REUSEPORT when more than one; with port 0 the first socket's port is used for
-/// the rest. Each has PKTINFO reception on (answers are sent from the address the
-/// proxy used), a larger receive buffer, and IPv6 ones are IPV6_V6ONLY.
+/// the rest. Each has PKTINFO and ORIGDSTADDR reception on (answers are sent from the
+/// address and port the proxy used), a larger receive buffer, and IPv6 ones are
+/// IPV6_V6ONLY.
 ///
 /// SO_REUSEADDR is set so a flow whose client uses the listening port itself (NTP
 /// clients send from 123, some DNS clients from 53) can still bind its transparent
@@ -249,6 +260,7 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocke
         sockopt::set_ipv6_only(&socket)?;
     }
     enable_pktinfo(&socket, addr.is_ipv6())?;
+    enable_origdst(&socket, addr.is_ipv6())?;
     set_large_rcvbuf(&socket);
     socket.bind(&addr.into())?;
     Ok(socket.into())
@@ -262,14 +274,33 @@ pub fn enable_pktinfo(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
     } else {
         (libc::IPPROTO_IP, libc::IP_PKTINFO)
     };
-    let one: libc::c_int = 1;
+    set_int_option(fd, level, name, 1)
+}
+
+/// IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR: every received datagram carries the
+/// address and port it was sent to, which for a range is not the socket's own port.
+pub fn enable_origdst(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
+    };
+    set_int_option(fd, level, name, 1)
+}
+
+fn set_int_option(
+    fd: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the pointer and length describe a live c_int for the whole call.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_fd().as_raw_fd(),
             level,
             name,
-            std::ptr::from_ref(&one).cast(),
+            std::ptr::from_ref(&value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -277,6 +308,103 @@ pub fn enable_pktinfo(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+/// A socket that sends a range's answers from the address and port the proxy sent
+/// to, when that port is not the listening socket's own. It never receives:
+/// - it stays unconnected, so it cannot win the kernel's socket lookup over the
+///   sk_lookup program (only connected UDP sockets are found before it runs), which
+///   keeps steering the whole range to the listening socket;
+/// - a classic BPF filter that accepts nothing is attached before the bind, so even a
+///   datagram the normal lookup hands it (steering failed: the listener's slot is
+///   empty while a daemon restarts) is dropped at once rather than queued on a
+///   socket nobody reads. Without this socket that datagram would have found no
+///   socket at all, so nothing is taken from anyone.
+///
+/// It is bound with IP_TRANSPARENT / IPV6_TRANSPARENT so that a destination routed
+/// to this host without being configured on it (AnyIP, a VIP) can be the source,
+/// and SO_REUSEADDR so each SO_REUSEPORT listener of a group can have its own.
+/// Sends are nonblocking; a full buffer drops the answer, as the kernel would.
+#[derive(Debug)]
+struct ReplySocket {
+    socket: std::net::UdpSocket,
+}
+
+impl ReplySocket {
+    fn bind(at: SocketAddr) -> io::Result<ReplySocket> {
+        let ty = Type::DGRAM.nonblocking().cloexec();
+        let socket = Socket::new(Domain::for_address(at), ty, Some(Protocol::UDP))?;
+        if at.is_ipv6() {
+            sockopt::set_ipv6_only(&socket)?;
+            sockopt::set_ipv6_transparent(&socket)?;
+        } else {
+            sockopt::set_ip_transparent(&socket)?;
+        }
+        sockopt::set_reuse_address(&socket)?;
+        drop_all_received(&socket)?;
+        socket.bind(&at.into())?;
+        Ok(ReplySocket {
+            socket: socket.into(),
+        })
+    }
+
+    fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+/// SO_ATTACH_FILTER with the one-instruction program `ret #0`: every datagram the
+/// socket would receive is dropped before it is queued.
+fn drop_all_received(fd: &impl AsFd) -> io::Result<()> {
+    // BPF_RET | BPF_K: return the constant k (bytes of the packet to keep), 0 = drop.
+    const BPF_RET_K: u16 = 0x06;
+    let mut program = [libc::sock_filter {
+        code: BPF_RET_K,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `program`, one instruction, both alive for the call;
+    // the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::from_ref(&fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A listener's reply sockets by bound address: shared by every flow answering from
+/// that address and port, closed when the last of them closes (the map only holds
+/// weak references; dead ones are removed by the sweep).
+#[derive(Debug, Default)]
+struct ReplySockets(HashMap<SocketAddr, Weak<ReplySocket>>);
+
+impl ReplySockets {
+    fn get_or_bind(&mut self, at: SocketAddr) -> io::Result<Arc<ReplySocket>> {
+        if let Some(live) = self.0.get(&at).and_then(Weak::upgrade) {
+            return Ok(live);
+        }
+        let socket = Arc::new(ReplySocket::bind(at)?);
+        self.0.insert(at, Arc::downgrade(&socket));
+        Ok(socket)
+    }
+
+    fn forget_closed(&mut self) {
+        self.0.retain(|_, w| w.strong_count() > 0);
     }
 }
 
@@ -352,6 +480,27 @@ struct FlowShared {
     /// The port datagrams go to; only answers from it are relayed. Follows the
     /// header's destination port when the target has none.
     target_port: AtomicU16,
+    /// Where answers leave from. Changed by the listener only when the proxy's
+    /// destination changes; the answer task holds it for one batch.
+    reply: Mutex<Reply>,
+}
+
+/// Where a flow's answers leave from: the destination of the proxy's latest datagram.
+#[derive(Debug, Default)]
+struct Reply {
+    /// The local address, sent as PKTINFO when answering through the listening socket.
+    local: Option<LocalDst>,
+    /// Set when the proxy sent to another port than the listening socket's own (a
+    /// range): answers leave from this socket, bound to that address and port.
+    socket: Option<Arc<ReplySocket>>,
+}
+
+/// The destination a flow's [`Reply`] was made for, so the listener rebuilds it only
+/// when a datagram arrives somewhere else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReplyKey {
+    local: Option<LocalDst>,
+    orig_dst: Option<SocketAddr>,
 }
 
 /// One live flow, owned by its listener's table. Dropping it aborts the answer task,
@@ -362,6 +511,8 @@ struct Flow {
     fd: RawFd,
     shared: Arc<FlowShared>,
     answers: AbortHandle,
+    /// What `shared.reply` was made for.
+    reply_key: ReplyKey,
     /// Undone (after a short linger) when the flow closes.
     _registration: Option<FlowRegistration>,
     stats: Arc<Stats>,
@@ -389,6 +540,7 @@ pub async fn serve_udp<F>(
         socket: Arc::new(socket),
         local_port: local.map_or(0, |a| a.port()),
         table: FlowTable::new(ctx.flows_per_listener),
+        replies: ReplySockets::default(),
         recv: RecvBatch::new(LISTENER_BATCH, MAX_DATAGRAM),
         send: SendBatch::new(LISTENER_BATCH),
         log: LogLimit::default(),
@@ -443,6 +595,7 @@ struct Listener<F> {
     socket: Arc<UdpSocket>,
     local_port: u16,
     table: FlowTable<FlowKey, Flow>,
+    replies: ReplySockets,
     recv: RecvBatch,
     send: SendBatch,
     log: LogLimit,
@@ -458,6 +611,7 @@ impl<F: Fn(IpAddr) -> bool> Listener<F> {
             socket,
             local_port,
             table,
+            replies,
             recv,
             send,
             log,
@@ -510,22 +664,45 @@ impl<F: Fn(IpAddr) -> bool> Listener<F> {
                     continue;
                 }
             };
-            let (client, target) = route(ctx, endpoints, proxy, *local_port);
+            // LOCAL without a target port goes to the port the proxy sent to.
+            let sent_to_port = d.orig_dst.map_or(*local_port, |a| a.port());
+            let (client, target) = route(ctx, endpoints, proxy, sent_to_port);
             let key = FlowKey { proxy, client };
+            let reply_key = ReplyKey {
+                local: d.local,
+                orig_dst: d.orig_dst,
+            };
             let fd = match table.get_mut(&key, now) {
                 Some(flow) => {
                     let port = target.0.port();
                     if flow.shared.target_port.load(Ordering::Relaxed) != port {
                         flow.shared.target_port.store(port, Ordering::Relaxed);
                     }
+                    if flow.reply_key != reply_key {
+                        let reply = reply_for(reply_key, *local_port, replies, log, now);
+                        let old = std::mem::replace(
+                            &mut *flow
+                                .shared
+                                .reply
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner),
+                            reply,
+                        );
+                        // The old reply socket (if this was its last flow) closes
+                        // outside the lock.
+                        drop(old);
+                        flow.reply_key = reply_key;
+                    }
                     flow.fd
                 }
                 None => {
                     // An eviction below may close the socket `out` sends through.
                     flush(&mut out, out_fd, stats, log, now);
+                    let reply = reply_for(reply_key, *local_port, replies, log, now);
                     let back = AnswerRoute {
                         proxy: source,
-                        local: d.local,
+                        reply,
+                        reply_key,
                     };
                     match open_flow(key, target, back, socket, ctx, log, now) {
                         Ok(flow) => {
@@ -582,7 +759,41 @@ impl<F: Fn(IpAddr) -> bool> Listener<F> {
                 drop(flow);
             },
         );
+        self.replies.forget_closed();
         self.log.summarise(now);
+    }
+}
+
+/// The [`Reply`] for a datagram sent to `key`: through the listening socket when the
+/// proxy sent to its own port (or the kernel did not say), else from a reply socket
+/// bound to the address and port it sent to. If that socket cannot be bound (another
+/// program holds the port without SO_REUSEADDR), answers still go out through the
+/// listening socket, from the right address but the range's first port.
+fn reply_for(
+    key: ReplyKey,
+    listening_port: u16,
+    replies: &mut ReplySockets,
+    log: &mut LogLimit,
+    now: u64,
+) -> Reply {
+    let socket = match key.orig_dst {
+        Some(at) if at.port() != listening_port && at.port() != 0 => {
+            match replies.get_or_bind(at) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    if log.allow(now) {
+                        warn!(target: CONN_TARGET, local = %at, error = %e,
+                              "cannot bind a reply socket: answers leave from the range's first port");
+                    }
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    Reply {
+        local: key.local,
+        socket,
     }
 }
 
@@ -630,11 +841,12 @@ impl Dropped {
     }
 }
 
-/// Where a flow's answers go: to the proxy, from the local address it sent to.
-#[derive(Clone, Copy, Debug)]
+/// Where a new flow's answers go: to the proxy, from where it sent to.
+#[derive(Debug)]
 struct AnswerRoute {
     proxy: SocketAddr,
-    local: Option<LocalDst>,
+    reply: Reply,
+    reply_key: ReplyKey,
 }
 
 /// Where to send from and to. The target is chosen by the client's family (as
@@ -693,12 +905,13 @@ fn open_flow(
     let shared = Arc::new(FlowShared {
         last_answer: AtomicU64::new(0),
         target_port: AtomicU16::new(target.0.port()),
+        reply: Mutex::new(back.reply),
     });
     let answers = tokio::spawn(relay_answers(
         socket.clone(),
         listener.clone(),
         shared.clone(),
-        back,
+        back.proxy,
         ctx.clone(),
     ))
     .abort_handle();
@@ -708,6 +921,7 @@ fn open_flow(
         _socket: socket,
         shared,
         answers,
+        reply_key: back.reply_key,
         _registration: registration,
         stats: ctx.stats.clone(),
     })
@@ -810,7 +1024,7 @@ async fn relay_answers(
     upstream: Arc<UdpSocket>,
     listener: Arc<UdpSocket>,
     shared: Arc<FlowShared>,
-    back: AnswerRoute,
+    proxy: SocketAddr,
     ctx: Arc<UdpContext>,
 ) {
     let up_fd = upstream.as_raw_fd();
@@ -829,7 +1043,7 @@ async fn relay_answers(
                     recv: RecvBatch::new(REPLY_BATCH, MAX_DATAGRAM),
                     send: SendBatch::new(REPLY_BATCH),
                 });
-                relay_answer_batch(scratch, up_fd, down_fd, &shared, &back, &ctx)
+                relay_answer_batch(scratch, up_fd, down_fd, &shared, proxy, &ctx)
             })
         });
         match result {
@@ -839,7 +1053,7 @@ async fn relay_answers(
                 // Unconnected UDP sockets report no ICMP errors, so this is rare
                 // (ENOMEM…); pause so it cannot spin.
                 pause = (pause * 2).clamp(ERROR_PAUSE, Duration::from_secs(1));
-                debug!(target: CONN_TARGET, peer = %back.proxy, error = %e,
+                debug!(target: CONN_TARGET, peer = %proxy, error = %e,
                        "receiving answers failed");
                 tokio::time::sleep(pause).await;
             }
@@ -848,13 +1062,13 @@ async fn relay_answers(
 }
 
 /// One recvmmsg on the flow's socket, one sendmmsg of the service's answers on the
-/// listening socket.
+/// listening socket (or the flow's reply socket).
 fn relay_answer_batch(
     scratch: &mut AnswerScratch,
     up_fd: RawFd,
     down_fd: RawFd,
     shared: &FlowShared,
-    back: &AnswerRoute,
+    proxy: SocketAddr,
     ctx: &UdpContext,
 ) -> io::Result<()> {
     let AnswerScratch { recv, send } = scratch;
@@ -864,13 +1078,21 @@ fn relay_answer_batch(
     }
     let stats = &*ctx.stats;
     let port = shared.target_port.load(Ordering::Relaxed);
+    // Held until the batch is sent, so the reply socket cannot close under it; the
+    // listener takes it only when the proxy's destination changes.
+    let reply = shared.reply.lock().unwrap_or_else(PoisonError::into_inner);
+    let (send_fd, from) = match &reply.socket {
+        // Bound to the exact address and port: no PKTINFO needed.
+        Some(s) => (s.fd(), None),
+        None => (down_fd, reply.local.as_ref()),
+    };
     let mut out = send.start();
     let mut foreign = 0u64;
     for i in 0..recv.len() {
         let Some(d) = recv.get(i) else { break };
         match d.source {
             Some(src) if src.port() == port && !d.truncated => {
-                out.push(back.proxy, back.local.as_ref(), d.data);
+                out.push(proxy, from, d.data);
             }
             _ => foreign += 1,
         }
@@ -882,12 +1104,12 @@ fn relay_answer_batch(
         shared
             .last_answer
             .store(ctx.clock.now_ms(), Ordering::Relaxed);
-        let sent = out.flush(down_fd);
+        let sent = out.flush(send_fd);
         Stats::add(&stats.udp_replies, sent.sent as u64);
         if sent.failed > 0 {
             Stats::add(&stats.udp_reply_errors, sent.failed as u64);
             if let Some(e) = sent.error {
-                debug!(target: CONN_TARGET, peer = %back.proxy, dropped = sent.failed,
+                debug!(target: CONN_TARGET, peer = %proxy, dropped = sent.failed,
                        error = %e, "sending answers to the proxy failed");
             }
         }
@@ -1012,6 +1234,35 @@ mod tests {
         assert_eq!(l.suppressed, 90);
         assert!(l.allow(1100), "a new second starts afresh");
         assert_eq!(l.suppressed, 0);
+    }
+
+    /// What keeps a reply socket from ever holding a datagram: the filter drops all.
+    #[test]
+    fn the_reply_sockets_filter_drops_everything_it_would_receive() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"before", rx.local_addr().unwrap()).unwrap();
+        drop_all_received(&rx).unwrap();
+        tx.send_to(b"after", rx.local_addr().unwrap()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        // Queued before the filter: still there. After it: never queued.
+        let (n, _) = rx.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"before");
+        let e = rx.recv_from(&mut buf).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        // Sending is unaffected.
+        tx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        rx.send_to(b"out", tx.local_addr().unwrap()).unwrap();
+        let (n, _) = tx.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"out");
     }
 
     #[test]
