@@ -114,7 +114,6 @@ pub async fn serve_tcp<F>(
     F: Fn(IpAddr) -> bool + Send + Sync + 'static,
 {
     let local = listener.local_addr().ok();
-    tune(&listener, local);
     let mut backoff = Backoff::default();
     let mut errors = ErrorLog::default();
     loop {
@@ -162,31 +161,6 @@ pub async fn serve_tcp<F>(
         }
     }
     debug!(listen = ?local, "listener stopped accepting");
-}
-
-/// Seconds the kernel holds a connection that has sent nothing before handing it to
-/// accept() anyway (TCP_DEFER_ACCEPT; one SYN-ACK retransmission). A balancer sends
-/// the header right after its handshake, so a live connection is never held back;
-/// a silent one is accepted after about this long and then gets the full
-/// `--header-timeout`, so the header timeout is in effect counted from about one
-/// second after the handshake.
-const DEFER_ACCEPT_SECS: u32 = 1;
-
-/// Options set once on the listener instead of on every connection.
-///
-/// - TCP_DEFER_ACCEPT: accept() returns connections whose header has arrived, so
-///   the first read after accept finds it (see [`DEFER_ACCEPT_SECS`]).
-/// - TCP_NODELAY: accepted sockets inherit it from the listener, which saves a
-///   setsockopt per connection.
-///
-/// Both only save work: a refusal is logged and connections are served without.
-fn tune(listener: &TcpListener, local: Option<SocketAddr>) {
-    if let Err(e) = sockopt::set_defer_accept(listener, DEFER_ACCEPT_SECS) {
-        debug!(listen = ?local, error = %e, "cannot set TCP_DEFER_ACCEPT");
-    }
-    if let Err(e) = sockopt::set_nodelay(listener) {
-        debug!(listen = ?local, error = %e, "cannot set TCP_NODELAY on the listener");
-    }
 }
 
 /// Counts the connection and checks the balancer against the allow-list.

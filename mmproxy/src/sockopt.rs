@@ -57,16 +57,6 @@ pub fn set_tcp_syncnt(fd: &impl AsFd, retries: u8) -> io::Result<()> {
     )
 }
 
-/// TCP_DEFER_ACCEPT on a listener: accept() returns a connection only once its first
-/// data (the PROXY header) has arrived, so a connection is accepted, read and dialled
-/// upstream in one wake-up instead of waiting for readability after accept. A client
-/// that sends nothing is still accepted once the kernel's deferral (`secs`, rounded
-/// up to SYN-ACK retransmission times) is over; until then it holds no descriptor.
-pub fn set_defer_accept(fd: &impl AsFd, secs: u32) -> io::Result<()> {
-    let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs)
-}
-
 /// SO_REUSEADDR: lets a listener rebind while old connections sit in TIME_WAIT, and
 /// lets transparent upstream sockets share the client's ip:port with earlier flows
 /// from the same client that are still closing.
@@ -178,8 +168,6 @@ mod tests {
         assert!(s.only_v6().unwrap());
         set_linger_zero(&s).unwrap();
         assert_eq!(s.linger().unwrap(), Some(Duration::ZERO));
-        set_defer_accept(&s, 1).unwrap();
-        assert!(get_int(&s, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT) >= 1);
     }
 
     #[test]

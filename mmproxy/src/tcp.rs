@@ -3,7 +3,7 @@
 //!
 //! Logging follows [`crate::logging`]: failures of a connection are `warn!` and
 //! state changes `debug!`, both on [`CONN_TARGET`], so `-v` decides what is shown.
-use std::io::{self, Read as _};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use crate::logging::CONN_TARGET;
 use crate::proxy_protocol::{self, DecodeOptions, Decoded, Endpoints, Expect, Invalid};
 use crate::stats::Stats;
 use crate::upstream::{self, UpstreamOptions};
-use crate::relay;
+use crate::{relay, sockopt};
 
 /// Everything a connection needs, shared by all connections of all TCP listeners.
 #[derive(Debug)]
@@ -74,7 +74,10 @@ impl TcpContext {
 pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>) {
     let stats = &*ctx.stats;
     let _active = Gauge::up(&stats.tcp_active);
-    // TCP_NODELAY is inherited from the listener (listener::tune), not set here.
+    // Only relayed bytes are affected, and those can still flow without it.
+    if let Err(e) = sockopt::set_nodelay(&conn) {
+        debug!(target: CONN_TARGET, peer = %proxy, error = %e, "cannot set TCP_NODELAY");
+    }
     debug!(target: CONN_TARGET, peer = %proxy, "connection accepted");
 
     let header = tokio::time::timeout(ctx.header_timeout, read_header(&mut conn, &ctx)).await;
@@ -221,12 +224,7 @@ async fn read_header(
                 max: ctx.max_header_len,
             }));
         };
-        let n = if filled == 0 {
-            read_first(conn, free).await
-        } else {
-            conn.read(free).await
-        }
-        .map_err(Rejection::Io)?;
+        let n = conn.read(free).await.map_err(Rejection::Io)?;
         if n == 0 {
             return Err(Rejection::Eof(filled));
         }
@@ -239,22 +237,6 @@ async fn read_header(
                 return Ok((header.endpoints(), payload));
             }
             Err(e) => return Err(Rejection::Invalid(e)),
-        }
-    }
-}
-
-/// The first read of a connection. The listener defers accept until data has
-/// arrived (TCP_DEFER_ACCEPT), so the header is usually there already: read it at
-/// once rather than wait for the runtime to report readability of the socket it
-/// has just registered (a wake-up per connection). Reading past tokio's readiness
-/// cache is safe: on EAGAIN the ordinary read waits for the next edge.
-async fn read_first(conn: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match (&*socket2::SockRef::from(&*conn)).read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return conn.read(buf).await,
-            Err(e) => return Err(e),
         }
     }
 }
