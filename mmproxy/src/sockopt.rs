@@ -104,6 +104,26 @@ pub fn set_pipe_size(fd: &impl AsFd, bytes: usize) -> io::Result<usize> {
     Ok(usize::try_from(got).unwrap_or(bytes))
 }
 
+/// IP_PKTINFO / IPV6_RECVPKTINFO: each datagram carries the local address it was sent
+/// to, which a wildcard UDP listener needs to answer from that same address.
+pub fn set_recv_pktinfo(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)
+    } else {
+        set_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    }
+}
+
+/// IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR: each datagram carries the address and
+/// port it was sent to, which for a steered port range is not the socket's own port.
+pub fn set_recv_orig_dst_addr(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR, 1)
+    } else {
+        set_int(fd, libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR, 1)
+    }
+}
+
 fn set_int(
     fd: &impl AsFd,
     level: libc::c_int,

@@ -320,8 +320,8 @@ mod tests {
     fn pktinfo_on(s: &UdpSocket) {
         socket2::SockRef::from(s).set_nonblocking(true).unwrap();
         let v6 = s.local_addr().unwrap().is_ipv6();
-        super::super::enable_pktinfo(s, v6).unwrap();
-        super::super::enable_origdst(s, v6).unwrap();
+        crate::sockopt::set_recv_pktinfo(s, v6).unwrap();
+        crate::sockopt::set_recv_orig_dst_addr(s, v6).unwrap();
     }
 
     #[test]

@@ -259,56 +259,11 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocke
     if addr.is_ipv6() {
         sockopt::set_ipv6_only(&socket)?;
     }
-    enable_pktinfo(&socket, addr.is_ipv6())?;
-    enable_origdst(&socket, addr.is_ipv6())?;
+    sockopt::set_recv_pktinfo(&socket, addr.is_ipv6())?;
+    sockopt::set_recv_orig_dst_addr(&socket, addr.is_ipv6())?;
     set_large_rcvbuf(&socket);
     socket.bind(&addr.into())?;
     Ok(socket.into())
-}
-
-/// IP_PKTINFO / IPV6_RECVPKTINFO: every received datagram carries the local address
-/// it was sent to (see [`cmsg`]).
-pub fn enable_pktinfo(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
-    let (level, name) = if ipv6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
-    } else {
-        (libc::IPPROTO_IP, libc::IP_PKTINFO)
-    };
-    set_int_option(fd, level, name, 1)
-}
-
-/// IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR: every received datagram carries the
-/// address and port it was sent to, which for a range is not the socket's own port.
-pub fn enable_origdst(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
-    let (level, name) = if ipv6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
-    } else {
-        (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
-    };
-    set_int_option(fd, level, name, 1)
-}
-
-fn set_int_option(
-    fd: &impl AsFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the pointer and length describe a live c_int for the whole call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_fd().as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// A socket that sends a range's answers from the address and port the proxy sent
