@@ -21,6 +21,15 @@ pub fn set_ipv6_transparent(fd: &impl AsFd) -> io::Result<()> {
     SockRef::from(fd).set_ip_transparent_v6(true)
 }
 
+/// IP_TRANSPARENT or IPV6_TRANSPARENT, whichever the socket's family needs.
+pub fn set_transparent(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_ipv6_transparent(fd)
+    } else {
+        set_ip_transparent(fd)
+    }
+}
+
 /// IP_FREEBIND: lets a listener bind an address that is not (yet) configured, e.g. a
 /// VIP that keepalived adds later.
 pub fn set_freebind(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {

@@ -158,12 +158,7 @@ fn transparent_socket(
         return Err(UpstreamError::FamilyMismatch { client, to });
     }
     let socket = plain_socket(to, opts)?;
-    let transparent = if client.0.is_ipv4() {
-        sockopt::set_ip_transparent(&socket)
-    } else {
-        sockopt::set_ipv6_transparent(&socket)
-    };
-    transparent.map_err(opt_err("IP_TRANSPARENT"))?;
+    sockopt::set_transparent(&socket, client.0.is_ipv6()).map_err(opt_err("IP_TRANSPARENT"))?;
     // Several flows from one client (or one client's earlier flow in TIME_WAIT) bind
     // the same ip:port; the kernel still refuses duplicate 4-tuples at connect.
     sockopt::set_reuse_address(&socket).map_err(opt_err("SO_REUSEADDR"))?;

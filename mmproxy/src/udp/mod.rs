@@ -292,10 +292,8 @@ impl ReplySocket {
         let socket = Socket::new(Domain::for_address(at), ty, Some(Protocol::UDP))?;
         if at.is_ipv6() {
             sockopt::set_ipv6_only(&socket)?;
-            sockopt::set_ipv6_transparent(&socket)?;
-        } else {
-            sockopt::set_ip_transparent(&socket)?;
         }
+        sockopt::set_transparent(&socket, at.is_ipv6())?;
         sockopt::set_reuse_address(&socket)?;
         drop_all_received(&socket)?;
         socket.bind(&at.into())?;
@@ -934,11 +932,7 @@ fn upstream_socket(
             if client.0.is_ipv4() != to.0.is_ipv4() {
                 return Err(FlowError::FamilyMismatch { client, to });
             }
-            if client.0.is_ipv4() {
-                sockopt::set_ip_transparent(&socket).map_err(opt("IP_TRANSPARENT"))?;
-            } else {
-                sockopt::set_ipv6_transparent(&socket).map_err(opt("IPV6_TRANSPARENT"))?;
-            }
+            sockopt::set_transparent(&socket, client.0.is_ipv6()).map_err(opt("IP_TRANSPARENT"))?;
             sockopt::set_reuse_address(&socket).map_err(opt("SO_REUSEADDR"))?;
             if mark != 0 {
                 sockopt::set_mark(&socket, mark).map_err(opt("SO_MARK"))?;
