@@ -32,6 +32,53 @@ fn proxied(t: &Topology, lb_src: &str, mm: &str, client: &str) -> Result<TcpStre
     Ok(c)
 }
 
+/// mmproxy on 0.0.0.0:8443 and [::]:8443 with the kernel side required, forwarding
+/// to port 9000 of `target4` / `target6`.
+fn start_with_targets(t: &Topology, target4: &str, target6: &str) -> Result<Daemon> {
+    Daemon::start(
+        &t.host,
+        &[
+            "-l",
+            "0.0.0.0:8443",
+            "-l",
+            "[::]:8443",
+            "-4",
+            &sock(target4, 9000),
+            "-6",
+            &sock(target6, 9000),
+            "--ebpf",
+            "on",
+        ],
+    )
+}
+
+/// One proxied connection per family (clients 198.51.100.9 and 2001:db8:c::9, ports
+/// `port` and `port + 1`): a message and `bulk` bytes come back intact, and each
+/// upstream sees its client's address and port.
+fn both_families_reach_the_upstream(
+    t: &Topology,
+    d: &Daemon,
+    [echo4, echo6]: [&EchoServer; 2],
+    port: u16,
+    bulk: usize,
+) -> Result<()> {
+    for (lb, host, client, echo) in [
+        (LB_V4, HOST_V4, format!("198.51.100.9:{port}"), echo4),
+        (
+            LB_V6,
+            HOST_V6,
+            format!("[2001:db8:c::9]:{}", port + 1),
+            echo6,
+        ),
+    ] {
+        let mut c = proxied(t, lb, &sock(host, 8443), &client).with_context(|| d.log_text())?;
+        roundtrip(&mut c, b"placement").with_context(|| format!("{client}\n{}", d.log_text()))?;
+        bulk_roundtrip(&mut c, bulk).with_context(|| client.clone())?;
+        assert_eq!(echo.next_peer(WAIT)?, client.parse()?);
+    }
+    Ok(())
+}
+
 fn roundtrip(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
     c.write_all(msg)?;
     let mut back = vec![0u8; msg.len()];
@@ -266,31 +313,9 @@ fn placement_a_target_on_a_local_non_loopback_address() -> Result<()> {
     let t = Topology::new()?;
     let echo4 = EchoServer::start(&t.host, &sock(HOST_V4, 9000))?;
     let echo6 = EchoServer::start(&t.host, &sock(HOST_V6, 9000))?;
-    let d = Daemon::start(
-        &t.host,
-        &[
-            "-l",
-            "0.0.0.0:8443",
-            "-l",
-            "[::]:8443",
-            "-4",
-            &sock(HOST_V4, 9000),
-            "-6",
-            &sock(HOST_V6, 9000),
-            "--ebpf",
-            "on",
-        ],
-    )?;
+    let d = start_with_targets(&t, HOST_V4, HOST_V6)?;
     d.wait_for("egress=gw0", WAIT)?;
-    for (lb, host, client, echo) in [
-        (LB_V4, HOST_V4, "198.51.100.9:44000", &echo4),
-        (LB_V6, HOST_V6, "[2001:db8:c::9]:44001", &echo6),
-    ] {
-        let mut c = proxied(&t, lb, &sock(host, 8443), client).with_context(|| d.log_text())?;
-        roundtrip(&mut c, b"placement a").with_context(|| format!("{client}\n{}", d.log_text()))?;
-        bulk_roundtrip(&mut c, 4 << 20).with_context(|| client.to_string())?;
-        assert_eq!(echo.next_peer(WAIT)?, client.parse()?);
-    }
+    both_families_reach_the_upstream(&t, &d, [&echo4, &echo6], 44000, 4 << 20)?;
     let line = d.stats()?;
     assert!(counter(&line, "kernel_return_redirected") > 0, "{line}");
     assert_eq!(counter(&line, "kernel_return_marked"), 0, "{line}");
@@ -308,31 +333,9 @@ fn placement_c_service_in_another_namespace_behind_a_veth() -> Result<()> {
     let app = t.app.as_ref().context("app namespace")?;
     let echo4 = EchoServer::start(app, &sock(APP_V4, 9000))?;
     let echo6 = EchoServer::start(app, &sock(APP_V6, 9000))?;
-    let d = Daemon::start(
-        &t.host,
-        &[
-            "-l",
-            "0.0.0.0:8443",
-            "-l",
-            "[::]:8443",
-            "-4",
-            &sock(APP_V4, 9000),
-            "-6",
-            &sock(APP_V6, 9000),
-            "--ebpf",
-            "on",
-        ],
-    )?;
+    let d = start_with_targets(&t, APP_V4, APP_V6)?;
     d.wait_for("ingress=app0", WAIT)?;
-    for (lb, host, client, echo) in [
-        (LB_V4, HOST_V4, "198.51.100.9:45000", &echo4),
-        (LB_V6, HOST_V6, "[2001:db8:c::9]:45001", &echo6),
-    ] {
-        let mut c = proxied(&t, lb, &sock(host, 8443), client).with_context(|| d.log_text())?;
-        roundtrip(&mut c, b"placement c").with_context(|| format!("{client}\n{}", d.log_text()))?;
-        bulk_roundtrip(&mut c, 1 << 20)?;
-        assert_eq!(echo.next_peer(WAIT)?, client.parse()?);
-    }
+    both_families_reach_the_upstream(&t, &d, [&echo4, &echo6], 45000, 1 << 20)?;
     // The proxied connections' closing handshakes are answers too: wait until they
     // are through and the counter stands still.
     let mut marked = counter(&d.stats()?, "kernel_return_marked");
