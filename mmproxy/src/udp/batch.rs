@@ -160,6 +160,13 @@ impl RecvBatch {
         })
     }
 
+    /// True when the last receive took fewer datagrams than it had room for: recvmmsg
+    /// stops early only at EAGAIN, so the socket's queue was empty at that moment and
+    /// another call would only cost a system call to learn so.
+    pub fn drained(&self) -> bool {
+        self.filled < self.hdrs.len()
+    }
+
     pub fn len(&self) -> usize {
         self.filled
     }

@@ -514,15 +514,28 @@ pub async fn serve_udp<F>(
                     break;
                 }
                 let fd = listener.socket.as_raw_fd();
-                let received = listener
-                    .socket
-                    .try_io(Interest::READABLE, || listener.recv.recv(fd));
+                let recv = &mut listener.recv;
+                let received = listener.socket.try_io(Interest::READABLE, || {
+                    recv.recv(fd)?;
+                    // WouldBlock clears tokio's readiness (only if no newer event
+                    // arrived meanwhile), sparing the EAGAIN call.
+                    if recv.drained() {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                });
                 match received {
-                    Ok(_) => {
+                    Ok(()) => {
                         pause = Duration::ZERO;
                         listener.relay_batch();
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if !listener.recv.is_empty() {
+                            pause = Duration::ZERO;
+                            listener.relay_batch();
+                        }
+                    }
                     Err(e) => {
                         pause = (pause * 2).clamp(ERROR_PAUSE, Duration::from_secs(1));
                         if listener.log.allow(listener.ctx.clock.now_ms()) {
@@ -997,7 +1010,7 @@ async fn relay_answers(
         });
         match result {
             Ok(()) => pause = Duration::ZERO,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pause = Duration::ZERO,
             Err(e) => {
                 // Unconnected UDP sockets report no ICMP errors, so this is rare
                 // (ENOMEM…); pause so it cannot spin.
@@ -1022,8 +1035,24 @@ fn relay_answer_batch(
 ) -> io::Result<()> {
     let AnswerScratch { recv, send } = scratch;
     recv.recv(up_fd)?;
+    relay_answers_received(recv, send, down_fd, shared, proxy, ctx);
+    if recv.drained() {
+        // Clears tokio's readiness without another recvmmsg (see the listener).
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(())
+}
+
+fn relay_answers_received(
+    recv: &RecvBatch,
+    send: &mut SendBatch,
+    down_fd: RawFd,
+    shared: &FlowShared,
+    proxy: SocketAddr,
+    ctx: &UdpContext,
+) {
     if recv.is_empty() {
-        return Ok(());
+        return;
     }
     let stats = &*ctx.stats;
     let port = shared.target_port.load(Ordering::Relaxed);
@@ -1063,7 +1092,6 @@ fn relay_answer_batch(
             }
         }
     }
-    Ok(())
 }
 
 /// At most [`LOG_LINES_PER_SEC`] per-datagram lines per listener per second; the
