@@ -292,6 +292,11 @@ fn measure(
         opts.nofile,
     )?;
     let pid = proxy.as_ref().map(|p| p.pid);
+    // Peak RSS of the measurement, not of start-up: mmproxy's BPF loading peaks at
+    // ~25 MiB (the kernel's BTF parsed for relocations) and settles at ~9 MiB.
+    if let Some(pid) = pid {
+        sys::reset_peak_rss(pid);
+    }
     let (addr, proxied) = cfg.target(proto);
     let t = Target { addr, proxied };
     let pin = opts.pin;
