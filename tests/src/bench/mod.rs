@@ -293,7 +293,7 @@ fn measure(
     )?;
     let pid = proxy.as_ref().map(|p| p.pid);
     // Peak RSS of the measurement, not of start-up: mmproxy's BPF loading peaks at
-    // ~25 MiB (the kernel's BTF parsed for relocations) and settles at ~9 MiB.
+    // ~25 MiB and settles at ~9 MiB before it reports ready.
     if let Some(pid) = pid {
         sys::reset_peak_rss(pid);
     }
