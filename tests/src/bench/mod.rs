@@ -4,6 +4,7 @@
 //!
 //! Every workload runs for every configuration in turn, round after round, each
 //! measurement with a fresh proxy process; medians over the rounds are reported.
+pub mod batch;
 pub mod chart;
 pub mod echo;
 pub mod load;
@@ -81,6 +82,9 @@ pub struct Options {
     pub idle_conns: usize,
     /// Generators and echo on CPU 0, the proxy on CPU 1.
     pub pin: bool,
+    /// Threads of the throughput and UDP generators and of each echo server: one per
+    /// CPU, or one when pinned (set by `run`).
+    pub threads: usize,
     /// Nice value of the generators, the echo servers and the proxies: on a shared
     /// machine, other work then disturbs the measurement less (the same for all).
     pub nice: i32,
@@ -188,6 +192,7 @@ pub fn run(mut opts: Options) -> Result<Results> {
         sys::nice_autogroup(opts.nice);
     }
     opts.nofile = nofile;
+    opts.threads = if opts.pin { 1 } else { machine.nproc.max(1) };
     let configs = configs(&opts);
     let net = BenchNet::new().context("creating the benchmark namespaces")?;
     let host: std::net::Ipv4Addr = HOST.parse()?;
@@ -198,6 +203,7 @@ pub fn run(mut opts: Options) -> Result<Results> {
             SocketAddr::from(([127, 0, 0, 1], UDP_ECHO_PORT)),
             SocketAddr::from((host, UDP_ECHO_PORT)),
         ],
+        opts.threads,
         opts.pin.then_some(LOAD_CPU),
         opts.nice,
     )?;

@@ -81,6 +81,7 @@ fn main() -> Result<()> {
             .idle_conns
             .unwrap_or(if cli.quick { 200 } else { 10_000 }),
         pin: !cli.no_pin,
+        threads: 1,
         nice: cli.nice,
         workloads,
         configs: cli.configs,
