@@ -318,6 +318,7 @@ fn measure(
                 let r = load::throughput(
                     &t,
                     50,
+                    opts.threads,
                     Duration::from_secs_f64(opts.throughput_secs),
                     tuples,
                     &cpu,
