@@ -356,7 +356,7 @@ fn measure(
                 r.cpu_s
             }
             Workload::Udp => {
-                let r = udp::closed_loop(&t, 50, secs, tuples, &cpu)?;
+                let r = udp::closed_loop(&t, 50, opts.threads, secs, tuples, &cpu)?;
                 put("replies_per_s", r.received as f64 / r.secs);
                 put("loss_pct", r.loss() * 100.0);
                 put("sent", r.sent as f64);
