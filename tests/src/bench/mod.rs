@@ -26,7 +26,11 @@ use load::Target;
 use net::{BenchNet, Tuples, ECHO_PORT, HOST, UDP_ECHO_PORT};
 use proxies::{Config, Proto};
 
-/// CPU of the generators and the echo servers; the proxy gets the other one.
+/// With `--pin`: the CPU of the generators and the echo servers; the proxy gets the
+/// other one. Not the default: the targets were measured with everything
+/// sharing both CPUs, and pinning the proxy alone on one CPU made the other
+/// (generators + echo) the bottleneck, which hid the differences in the proxies' own
+/// costs.
 pub const LOAD_CPU: usize = 0;
 pub const PROXY_CPU: usize = 1;
 
@@ -80,7 +84,8 @@ pub struct Options {
     /// Length of the connection-rate, latency and UDP runs.
     pub secs: f64,
     pub idle_conns: usize,
-    /// Generators and echo on CPU 0, the proxy on CPU 1.
+    /// Generators and echo on CPU 0, the proxy on CPU 1 (`--pin`); otherwise
+    /// nothing is pinned.
     pub pin: bool,
     /// Threads of the throughput and UDP generators and of each echo server: one per
     /// CPU, or one when pinned (set by `run`).
