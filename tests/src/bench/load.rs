@@ -1,8 +1,12 @@
-//! The TCP load generators. Each runs on the calling thread, which the runner has
-//! put in the client namespace (and pinned): one thread drives all connections
-//! through epoll, so the generator costs the same CPU whichever proxy it measures.
+//! The TCP load generators. They run on the calling thread, which the runner has
+//! put in the client namespace (and pinned when the layout says so), the throughput
+//! load on threads it starts from there; each thread drives its connections through
+//! epoll, so the generator costs the same CPU whichever proxy it measures.
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -70,27 +74,36 @@ struct Streamer {
 
 /// tcpkali's load: `conns` connections, a header each, then `PING\r\n` streamed in
 /// 64 KiB writes while the echoes are read, for `dur`, counted once all connections
-/// are up.
+/// are up. The connections are split over `threads` threads, each with its own
+/// epoll; they are all set up, from the calling thread, before the interval starts.
 pub fn throughput(
     t: &Target,
     conns: usize,
+    threads: usize,
     dur: Duration,
     tuples: &Tuples,
     cpu: CpuProbe<'_>,
 ) -> Result<Throughput> {
-    let chunk = PING.repeat(64 * 1024 / PING.len());
-    let mut rbuf = vec![0u8; 256 * 1024];
-    let mut poll = Poll::new()?;
-    let mut cs = Vec::with_capacity(conns);
+    let threads = threads.clamp(1, conns.max(1));
+    let mut parts = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        parts.push((Poll::new()?, Vec::with_capacity(conns / threads + 1)));
+    }
     for i in 0..conns {
+        let Some((poll, cs)) = parts.get_mut(i % threads) else {
+            continue;
+        };
         let mut s = std::net::TcpStream::connect_timeout(&t.addr, Duration::from_secs(5))
             .with_context(|| format!("connecting to {}", t.addr))?;
         s.set_nodelay(true)?;
         s.write_all(&t.header(tuples))?;
         s.set_nonblocking(true)?;
         let mut s = TcpStream::from_std(s);
-        poll.registry()
-            .register(&mut s, Token(i), Interest::READABLE | Interest::WRITABLE)?;
+        poll.registry().register(
+            &mut s,
+            Token(cs.len()),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         cs.push(Streamer {
             s,
             sent: 0,
@@ -98,35 +111,102 @@ pub fn throughput(
             eof: false,
         });
     }
-    let mut events = Events::with_capacity(1024);
     let cpu0 = cpu();
     let start = Instant::now();
     let end = start + dur;
-    loop {
-        let now = Instant::now();
-        if now >= end {
-            break;
+    thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel();
+        // Threads made here are in the client namespace, like this one (setns is per
+        // thread, and a new thread inherits its creator's), and inherit its CPU
+        // affinity and nice value too.
+        let workers: Vec<_> = parts
+            .into_iter()
+            .map(|(poll, cs)| {
+                let tx = tx.clone();
+                scope.spawn(move || stream_until(poll, cs, end, &tx))
+            })
+            .collect();
+        drop(tx);
+        // The interval is over once every thread has counted; the CPU probe is read
+        // then, before the threads close their connections.
+        let mut result = Throughput::default();
+        let mut ended = start;
+        let mut failed = None;
+        for _ in 0..threads {
+            match rx.recv() {
+                Ok(Ok(p)) => {
+                    result.up_bytes += p.up_bytes;
+                    result.down_bytes += p.down_bytes;
+                    ended = ended.max(p.ended);
+                }
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => {
+                    failed = failed.or(Some(anyhow::anyhow!("a generator thread panicked")));
+                    break;
+                }
+            }
         }
-        match poll.poll(&mut events, Some(end - now)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
+        result.cpu_s = cpu_delta(cpu0, cpu());
+        result.secs = ended.duration_since(start).as_secs_f64();
+        for w in workers {
+            if w.join().is_err() {
+                failed = failed.or(Some(anyhow::anyhow!("a generator thread panicked")));
+            }
         }
-        for ev in events.iter() {
-            let Some(c) = cs.get_mut(ev.token().0) else {
-                continue;
-            };
-            stream(c, &chunk, &mut rbuf)?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(result),
         }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu_s = cpu_delta(cpu0, cpu());
-    let result = Throughput {
-        secs,
+    })
+}
+
+/// One thread's counts at the end of the interval.
+struct Part {
+    up_bytes: u64,
+    down_bytes: u64,
+    ended: Instant,
+}
+
+/// Streams on `cs` until `end`, reports the counts, then ends the connections.
+fn stream_until(
+    mut poll: Poll,
+    mut cs: Vec<Streamer>,
+    end: Instant,
+    report: &mpsc::Sender<Result<Part>>,
+) {
+    let chunk = PING.repeat(64 * 1024 / PING.len());
+    // Never written to: echoes are discarded in the kernel (MSG_TRUNC).
+    let mut rbuf = vec![0u8; 256 * 1024];
+    let mut events = Events::with_capacity(1024);
+    let mut run = || -> Result<()> {
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                return Ok(());
+            }
+            match poll.poll(&mut events, Some(end - now)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+            for ev in events.iter() {
+                let Some(c) = cs.get_mut(ev.token().0) else {
+                    continue;
+                };
+                stream(c, &chunk, &mut rbuf)?;
+            }
+        }
+    };
+    let outcome = run().map(|()| Part {
         up_bytes: cs.iter().map(|c| c.sent).sum(),
         down_bytes: cs.iter().map(|c| c.recvd).sum(),
-        cpu_s,
-    };
+        ended: Instant::now(),
+    });
+    let ok = outcome.is_ok();
+    let _ = report.send(outcome);
+    if !ok {
+        return;
+    }
     // A clean end, so the proxies close their flows normally: FIN, then read the
     // rest of the echoes until each connection's EOF (bounded).
     for c in &mut cs {
@@ -137,7 +217,7 @@ pub fn throughput(
         let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
         for c in cs.iter_mut().filter(|c| !c.eof) {
             loop {
-                match c.s.read(&mut rbuf) {
+                match discard(&c.s, &mut rbuf) {
                     Ok(0) => {
                         c.eof = true;
                         break;
@@ -153,13 +233,32 @@ pub fn throughput(
             }
         }
     }
-    Ok(result)
+}
+
+/// Reads up to `buf.len()` bytes and throws them away without copying them out of
+/// the kernel (TCP with MSG_TRUNC, Linux 4.x and later); returns how many.
+fn discard(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the buffer is valid for writes of its length for the call; with
+    // MSG_TRUNC the kernel does not even write to it.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Reads every echo there is, then writes while the window allows.
 fn stream(c: &mut Streamer, chunk: &[u8], rbuf: &mut [u8]) -> Result<()> {
     loop {
-        match c.s.read(rbuf) {
+        match discard(&c.s, rbuf) {
             Ok(0) => bail!("the connection closed during the throughput run"),
             Ok(n) => c.recvd += n as u64,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -288,12 +288,14 @@ pub fn preamble(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "- layout: {}, nice {}; whole run {:.0} s",
+        "- layout: {}, {} thread(s) each for the throughput and UDP generators and the \
+         echo servers, nice {}; whole run {:.0} s",
         if r.options.pin {
             "generators and echo servers pinned to CPU 0, the proxy to CPU 1"
         } else {
             "nothing pinned"
         },
+        r.options.threads,
         r.options.nice,
         r.wall_secs
     );

@@ -2,8 +2,15 @@
 //! payload per datagram (only the payload without a proxy), closed loop with at most
 //! `WINDOW` datagrams outstanding per client. A client that hears nothing for
 //! `STALL` counts its outstanding datagrams as lost and sends a fresh window.
+//!
+//! The clients are split over `threads` threads, each with its own epoll; a client
+//! sends what its window allows with one sendmmsg and takes its replies in recvmmsg
+//! batches, so the generator's cost per datagram stays well below the proxy's.
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -11,12 +18,17 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use mmproxy::proxy_protocol::{Transport, V2Builder};
 
+use super::batch::Batch;
 use super::load::{CpuProbe, Target};
 use super::net::Tuples;
 
 const PAYLOAD: usize = 64;
 const WINDOW: u32 = 8;
 const STALL: Duration = Duration::from_millis(50);
+/// Replies taken per recvmmsg: a window, and late replies to an abandoned one.
+const RECV_BATCH: usize = 2 * WINDOW as usize;
+/// After the sending time, replies still on their way get this long.
+const GRACE: Duration = Duration::from_millis(300);
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Udp {
@@ -45,38 +57,47 @@ struct Client {
 }
 
 impl Client {
-    fn send(&mut self, seq: &mut u64) -> bool {
+    /// Sends as many datagrams as the window has room for; returns how many went.
+    fn top_up(&mut self, batch: &mut Batch, seq: &mut u64) -> u64 {
+        let room = WINDOW.saturating_sub(self.outstanding) as usize;
+        if room == 0 {
+            return 0;
+        }
         let at = self.payload_at;
-        if let Some(p) = self.datagram.get_mut(at..at + 8) {
-            p.copy_from_slice(&seq.to_le_bytes());
-        }
-        match self.s.send(&self.datagram) {
-            Ok(_) => {
-                *seq += 1;
-                self.outstanding += 1;
-                true
+        let sent = batch.send_copies(self.s.as_raw_fd(), &self.datagram, room, |d| {
+            if let Some(p) = d.get_mut(at..at + 8) {
+                p.copy_from_slice(&seq.to_le_bytes());
             }
-            Err(_) => false,
-        }
+            *seq += 1;
+        });
+        self.outstanding += sent as u32;
+        sent as u64
     }
 }
 
 pub fn closed_loop(
     t: &Target,
     clients: usize,
+    threads: usize,
     dur: Duration,
     tuples: &Tuples,
     cpu: CpuProbe<'_>,
 ) -> Result<Udp> {
-    let mut poll = Poll::new()?;
-    let mut cs = Vec::with_capacity(clients);
+    let threads = threads.clamp(1, clients.max(1));
+    let mut parts = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        parts.push((Poll::new()?, Vec::with_capacity(clients / threads + 1)));
+    }
     let local: SocketAddr = "0.0.0.0:0".parse()?;
     for i in 0..clients {
+        let Some((poll, cs)) = parts.get_mut(i % threads) else {
+            continue;
+        };
         let mut s = UdpSocket::bind(local)?;
         s.connect(t.addr)
             .with_context(|| format!("connecting to {}", t.addr))?;
         poll.registry()
-            .register(&mut s, Token(i), Interest::READABLE)?;
+            .register(&mut s, Token(cs.len()), Interest::READABLE)?;
         let mut datagram = if t.proxied {
             V2Builder::proxy(tuples.next(), t.addr)
                 .transport(Transport::Dgram)
@@ -94,28 +115,86 @@ pub fn closed_loop(
             last_heard: Instant::now(),
         });
     }
-    let mut seq = 0u64;
-    let mut sent = 0u64;
-    let mut received = 0u64;
-    let mut buf = [0u8; 2048];
-    let mut events = Events::with_capacity(1024);
     let cpu0 = cpu();
     let start = Instant::now();
     let end = start + dur;
-    for c in &mut cs {
-        for _ in 0..WINDOW {
-            sent += u64::from(c.send(&mut seq));
+    let (sent, received) = thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel();
+        // Threads made here are in the client namespace, like this one (setns is per
+        // thread, and a new thread inherits its creator's), and inherit its CPU
+        // affinity and nice value too.
+        let workers: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, (poll, cs))| {
+                let tx = tx.clone();
+                // Sequence numbers distinct across threads.
+                let seq = (i as u64) << 48;
+                scope.spawn(move || {
+                    let _ = tx.send(run(poll, cs, seq, start, end));
+                })
+            })
+            .collect();
+        drop(tx);
+        let (mut sent, mut received) = (0, 0);
+        let mut failed = None;
+        for r in rx.iter() {
+            match r {
+                Ok((s, r)) => {
+                    sent += s;
+                    received += r;
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
+        for w in workers {
+            if w.join().is_err() {
+                failed = failed.or(Some(anyhow::anyhow!("a generator thread panicked")));
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((sent, received)),
+        }
+    })?;
+    // Replies are counted until the grace period ends; the rate uses the sending time.
+    let secs = dur.as_secs_f64().min(start.elapsed().as_secs_f64());
+    Ok(Udp {
+        secs,
+        sent,
+        received,
+        cpu_s: match (cpu0, cpu()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+    })
+}
+
+/// One thread's clients, sending until `end` and counting replies until the grace
+/// period after it ends; returns (sent, received).
+fn run(
+    mut poll: Poll,
+    mut cs: Vec<Client>,
+    mut seq: u64,
+    start: Instant,
+    end: Instant,
+) -> Result<(u64, u64)> {
+    let mut sent = 0u64;
+    let mut received = 0u64;
+    let mut out = Batch::new(WINDOW as usize);
+    let mut replies = Batch::new(RECV_BATCH);
+    let mut events = Events::with_capacity(1024);
+    for c in &mut cs {
+        sent += c.top_up(&mut out, &mut seq);
         c.last_heard = start;
     }
     let mut sending = true;
-    let mut stop_at = end + Duration::from_millis(300);
+    let mut stop_at = end + GRACE;
     loop {
         let now = Instant::now();
         if sending && now >= end {
             sending = false;
-            // Replies still on their way get this long.
-            stop_at = now + Duration::from_millis(300);
+            stop_at = now + GRACE;
         }
         if !sending && now >= stop_at {
             break;
@@ -131,13 +210,14 @@ pub fn closed_loop(
             };
             let mut errors = 0;
             while errors < 64 {
-                match c.s.recv(&mut buf) {
-                    Ok(_) => {
-                        received += 1;
-                        c.outstanding = c.outstanding.saturating_sub(1);
+                match replies.recv(c.s.as_raw_fd(), libc::MSG_DONTWAIT) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        received += n as u64;
+                        c.outstanding = c.outstanding.saturating_sub(n as u32);
                         c.last_heard = Instant::now();
-                        if sending && c.outstanding < WINDOW {
-                            sent += u64::from(c.send(&mut seq));
+                        if sending {
+                            sent += c.top_up(&mut out, &mut seq);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -153,22 +233,10 @@ pub fn closed_loop(
                 if now.duration_since(c.last_heard) > STALL {
                     c.outstanding = 0;
                     c.last_heard = now;
-                    for _ in 0..WINDOW {
-                        sent += u64::from(c.send(&mut seq));
-                    }
+                    sent += c.top_up(&mut out, &mut seq);
                 }
             }
         }
     }
-    // Replies are counted until the grace period ends; the rate uses the sending time.
-    let secs = dur.as_secs_f64().min(start.elapsed().as_secs_f64());
-    Ok(Udp {
-        secs,
-        sent,
-        received,
-        cpu_s: match (cpu0, cpu()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        },
-    })
+    Ok((sent, received))
 }
