@@ -26,8 +26,12 @@ use tokio::net::TcpStream;
 use crate::sockopt;
 use crate::stats::Stats;
 
-/// Requested pipe capacity: one splice moves up to this much per wake-up.
-const PIPE_SIZE: usize = 256 * 1024;
+/// Requested pipe capacity: one splice moves up to this much per wake-up. 64 KiB
+/// (Linux's default with 4 KiB pages, set explicitly for other page sizes) relayed
+/// the most per CPU second in `cargo xtask bench`: 16 and 32 KiB cost more splices
+/// per byte, 128 KiB to 1 MiB gave up to a quarter less throughput at more CPU
+/// (BENCHMARKS.md).
+const PIPE_SIZE: usize = 64 * 1024;
 /// Empty pipes kept per thread; beyond this they are closed (2 descriptors each).
 const POOL_MAX: usize = 16;
 /// Copy buffer used for a burst when no pipe can be created.
