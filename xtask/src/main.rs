@@ -45,7 +45,7 @@ enum Command {
         /// A go-mmproxy-compatible binary to measure as well (repeatable)
         #[arg(long = "peer")]
         peers: Vec<std::path::PathBuf>,
-        /// Passed to the runner: --rounds N, --only WORKLOAD, --no-pin, …
+        /// Passed to the runner: --rounds N, --only WORKLOAD, --pin, …
         #[arg(last = true)]
         extra: Vec<String>,
     },

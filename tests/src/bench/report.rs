@@ -81,7 +81,8 @@ pub fn markdown(r: &Results) -> String {
         s,
         "Medians of {rounds} interleaved round{}; ratios are to no proxy and to go-mmproxy \
          in the same run. Proxy CPU is user+sys of the proxy process during the measured \
-         interval; peak RSS is its VmHWM.\n",
+         interval; peak RSS is its VmHWM during the measurement (reset once the proxy is \
+         ready).\n",
         if rounds == 1 { "" } else { "s" }
     );
 
