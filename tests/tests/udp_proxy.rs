@@ -520,3 +520,42 @@ fn service_on_a_wildcard_answering_from_another_address_is_relayed_and_other_por
     assert_eq!(counter(&line, "udp_replies"), 2, "{line}");
     Ok(())
 }
+
+#[test]
+fn a_burst_of_one_flow_arrives_as_separate_datagrams_in_order_both_ways() -> Result<()> {
+    if !privileged("a_burst_of_one_flow_arrives_as_separate_datagrams_in_order_both_ways") {
+        return Ok(());
+    }
+    // Equal-sized datagrams sent back to back are what mmproxy hands to the kernel
+    // as one segmented (UDP GSO) send, towards the service and back to the
+    // balancer: each must still arrive on its own, whole and in order.
+    let s = setup(WILDCARD)?;
+    let b = Balancer::new(&s.t, LB_V4)?;
+    let to = mm(HOST_V4);
+    let client = sa("198.51.100.30:42000");
+    let header = dgram(client, to);
+    let payloads: Vec<Vec<u8>> = (0..40)
+        .map(|i| format!("burst-{i:03}").into_bytes())
+        .collect();
+    for p in &payloads {
+        b.send(&header, p, to)?;
+    }
+    for p in &payloads {
+        let (got, from) = b.recv()?;
+        ensure!(from == to, "answer came from {from}");
+        ensure!(
+            got == answer(client, p),
+            "expected the answer to {:?}, got {:?}\n{}",
+            String::from_utf8_lossy(p),
+            String::from_utf8_lossy(&got),
+            s.daemon.log_text()
+        );
+    }
+    for _ in &payloads {
+        assert_eq!(s.echo.next_peer(WAIT)?, client);
+    }
+    let line = s.daemon.stats()?;
+    assert_eq!(counter(&line, "udp_replies"), 40, "{line}");
+    assert_eq!(counter(&line, "udp_upstream_errors"), 0, "{line}");
+    Ok(())
+}

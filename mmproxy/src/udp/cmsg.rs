@@ -216,6 +216,32 @@ pub fn write_pktinfo(buf: &mut [u8], src: &LocalDst) -> usize {
     }
 }
 
+/// `UDP_SEGMENT` from linux/udp.h (not in the libc crate for every target).
+pub const UDP_SEGMENT: libc::c_int = 103;
+
+const _: () = assert!(space(size_of::<libc::in6_pktinfo>()) + space(2) <= CONTROL_LEN);
+
+/// Writes a UDP_SEGMENT control message (UDP GSO: the payload leaves as datagrams of
+/// `size` bytes, the last one possibly shorter) at the start of `buf`. Returns the
+/// bytes used (CMSG_SPACE), or 0 if `buf` is too small.
+pub fn write_udp_segment(buf: &mut [u8], size: u16) -> usize {
+    let total = space(size_of::<u16>());
+    let Some(out) = buf.get_mut(..total) else {
+        return 0;
+    };
+    out.fill(0);
+    // SAFETY: cmsghdr is plain old data; all-zero is a valid value.
+    let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+    hdr.cmsg_len = (HEADER_LEN + size_of::<u16>()) as _;
+    hdr.cmsg_level = libc::SOL_UDP;
+    hdr.cmsg_type = UDP_SEGMENT;
+    if write(out, 0, hdr) && write(out, HEADER_LEN, size) {
+        total
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {

@@ -7,7 +7,8 @@
 //! - One task per listening socket (`--listeners N` SO_REUSEPORT sockets per `-l`).
 //!   It receives with recvmmsg(2) ([`batch`]), checks the proxy against the allow-list,
 //!   decodes the header, finds or creates the flow and sends the payloads with
-//!   sendmmsg(2), consecutive datagrams of one flow in one call.
+//!   sendmmsg(2), consecutive datagrams of one flow in one call (runs of equal size
+//!   in one UDP GSO message, see [`batch::SendBatch`]).
 //! - A flow is (proxy address, client address); LOCAL datagrams (health checks) have
 //!   no client and share one flow per proxy address. Each listener owns its own
 //!   [`FlowTable`]: the kernel hashes a proxy's 4-tuple to one SO_REUSEPORT socket,
