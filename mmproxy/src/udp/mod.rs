@@ -516,8 +516,12 @@ pub async fn serve_udp<F>(
                 }
                 let fd = listener.socket.as_raw_fd();
                 let recv = &mut listener.recv;
+                // Set only by a receive that got datagrams, so a batch is never
+                // relayed twice whatever try_io returns.
+                let mut fresh = false;
                 let received = listener.socket.try_io(Interest::READABLE, || {
                     recv.recv(fd)?;
+                    fresh = true;
                     // WouldBlock clears tokio's readiness (only if no newer event
                     // arrived meanwhile), sparing the EAGAIN call.
                     if recv.drained() {
@@ -532,7 +536,7 @@ pub async fn serve_udp<F>(
                         listener.relay_batch();
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if !listener.recv.is_empty() {
+                        if fresh {
                             pause = Duration::ZERO;
                             listener.relay_batch();
                         }
