@@ -1048,6 +1048,7 @@ fn relay_answer_batch(
     Ok(())
 }
 
+/// Sends the answers in `recv` that came from the target's port on to the proxy.
 fn relay_answers_received(
     recv: &RecvBatch,
     send: &mut SendBatch,
