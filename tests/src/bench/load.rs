@@ -85,32 +85,22 @@ pub fn throughput(
     cpu: CpuProbe<'_>,
 ) -> Result<Throughput> {
     let threads = threads.clamp(1, conns.max(1));
-    let mut parts = Vec::with_capacity(threads);
-    for _ in 0..threads {
-        parts.push((Poll::new()?, Vec::with_capacity(conns / threads + 1)));
-    }
-    for i in 0..conns {
-        let Some((poll, cs)) = parts.get_mut(i % threads) else {
-            continue;
-        };
+    let parts = deal(conns, threads, |poll, token| {
         let mut s = std::net::TcpStream::connect_timeout(&t.addr, Duration::from_secs(5))
             .with_context(|| format!("connecting to {}", t.addr))?;
         s.set_nodelay(true)?;
         s.write_all(&t.header(tuples))?;
         s.set_nonblocking(true)?;
         let mut s = TcpStream::from_std(s);
-        poll.registry().register(
-            &mut s,
-            Token(cs.len()),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        cs.push(Streamer {
+        poll.registry()
+            .register(&mut s, token, Interest::READABLE | Interest::WRITABLE)?;
+        Ok(Streamer {
             s,
             sent: 0,
             recvd: 0,
             eof: false,
-        });
-    }
+        })
+    })?;
     let cpu0 = cpu();
     let start = Instant::now();
     let end = start + dur;
@@ -158,6 +148,27 @@ pub fn throughput(
             None => Ok(result),
         }
     })
+}
+
+/// Makes `items` with `make` and deals them round-robin to `threads` polls, each
+/// item registered (by `make`) with the poll it goes to, under its index there.
+pub(super) fn deal<T>(
+    items: usize,
+    threads: usize,
+    mut make: impl FnMut(&Poll, Token) -> Result<T>,
+) -> Result<Vec<(Poll, Vec<T>)>> {
+    let mut parts = Vec::with_capacity(threads);
+    for _ in 0..threads.max(1) {
+        parts.push((Poll::new()?, Vec::with_capacity(items / threads.max(1) + 1)));
+    }
+    let n = parts.len();
+    for i in 0..items {
+        if let Some((poll, part)) = parts.get_mut(i % n) {
+            let item = make(poll, Token(part.len()))?;
+            part.push(item);
+        }
+    }
+    Ok(parts)
 }
 
 /// One thread's counts at the end of the interval.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll};
 use mmproxy::proxy_protocol::{Transport, V2Builder};
 
 use super::batch::Batch;
@@ -84,20 +84,13 @@ pub fn closed_loop(
     cpu: CpuProbe<'_>,
 ) -> Result<Udp> {
     let threads = threads.clamp(1, clients.max(1));
-    let mut parts = Vec::with_capacity(threads);
-    for _ in 0..threads {
-        parts.push((Poll::new()?, Vec::with_capacity(clients / threads + 1)));
-    }
     let local: SocketAddr = "0.0.0.0:0".parse()?;
-    for i in 0..clients {
-        let Some((poll, cs)) = parts.get_mut(i % threads) else {
-            continue;
-        };
+    let parts = super::load::deal(clients, threads, |poll, token| {
         let mut s = UdpSocket::bind(local)?;
         s.connect(t.addr)
             .with_context(|| format!("connecting to {}", t.addr))?;
         poll.registry()
-            .register(&mut s, Token(cs.len()), Interest::READABLE)?;
+            .register(&mut s, token, Interest::READABLE)?;
         let mut datagram = if t.proxied {
             V2Builder::proxy(tuples.next(), t.addr)
                 .transport(Transport::Dgram)
@@ -107,14 +100,14 @@ pub fn closed_loop(
         };
         let payload_at = datagram.len();
         datagram.resize(payload_at + PAYLOAD, 0x5a);
-        cs.push(Client {
+        Ok(Client {
             s,
             datagram,
             payload_at,
             outstanding: 0,
             last_heard: Instant::now(),
-        });
-    }
+        })
+    })?;
     let cpu0 = cpu();
     let start = Instant::now();
     let end = start + dur;
