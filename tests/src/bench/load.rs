@@ -84,7 +84,6 @@ pub fn throughput(
     tuples: &Tuples,
     cpu: CpuProbe<'_>,
 ) -> Result<Throughput> {
-    let threads = threads.clamp(1, conns.max(1));
     let parts = deal(conns, threads, |poll, token| {
         let mut s = std::net::TcpStream::connect_timeout(&t.addr, Duration::from_secs(5))
             .with_context(|| format!("connecting to {}", t.addr))?;
@@ -122,7 +121,7 @@ pub fn throughput(
         let mut result = Throughput::default();
         let mut ended = start;
         let mut failed = None;
-        for _ in 0..threads {
+        for _ in 0..workers.len() {
             match rx.recv() {
                 Ok(Ok(p)) => {
                     result.up_bytes += p.up_bytes;
@@ -150,16 +149,18 @@ pub fn throughput(
     })
 }
 
-/// Makes `items` with `make` and deals them round-robin to `threads` polls, each
-/// item registered (by `make`) with the poll it goes to, under its index there.
+/// Makes `items` with `make` and deals them round-robin to `threads` polls (at least
+/// one, at most one per item), each item registered (by `make`) with the poll it
+/// goes to, under its index there.
 pub(super) fn deal<T>(
     items: usize,
     threads: usize,
     mut make: impl FnMut(&Poll, Token) -> Result<T>,
 ) -> Result<Vec<(Poll, Vec<T>)>> {
+    let threads = threads.clamp(1, items.max(1));
     let mut parts = Vec::with_capacity(threads);
-    for _ in 0..threads.max(1) {
-        parts.push((Poll::new()?, Vec::with_capacity(items / threads.max(1) + 1)));
+    for _ in 0..threads {
+        parts.push((Poll::new()?, Vec::with_capacity(items / threads + 1)));
     }
     let n = parts.len();
     for i in 0..items {

@@ -83,7 +83,6 @@ pub fn closed_loop(
     tuples: &Tuples,
     cpu: CpuProbe<'_>,
 ) -> Result<Udp> {
-    let threads = threads.clamp(1, clients.max(1));
     let local: SocketAddr = "0.0.0.0:0".parse()?;
     let parts = super::load::deal(clients, threads, |poll, token| {
         let mut s = UdpSocket::bind(local)?;
