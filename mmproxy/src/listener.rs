@@ -62,6 +62,8 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListe
     if addr.is_ipv6() {
         sockopt::set_ipv6_only(&socket)?;
     }
+    // Accepted connections inherit it: one call per listener, not one per connection.
+    sockopt::set_nodelay(&socket)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
@@ -318,6 +320,15 @@ mod tests {
         let port = ls[0].local_addr().unwrap().port();
         assert!(ls.iter().all(|l| l.local_addr().unwrap().port() == port));
         assert!(socket2::SockRef::from(&ls[3]).reuse_port().unwrap());
+    }
+
+    #[test]
+    fn accepted_connections_have_nodelay_from_the_listener() {
+        let ls = bind_tcp("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        ls[0].set_nonblocking(false).unwrap();
+        let _c = std::net::TcpStream::connect(ls[0].local_addr().unwrap()).unwrap();
+        let (accepted, _) = ls[0].accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]

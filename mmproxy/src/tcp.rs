@@ -3,6 +3,7 @@
 //!
 //! Logging follows [`crate::logging`]: failures of a connection are `warn!` and
 //! state changes `debug!`, both on [`CONN_TARGET`], so `-v` decides what is shown.
+use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
@@ -18,9 +19,9 @@ use crate::cli::{Args, TargetSpec};
 use crate::ebpf::{FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 use crate::logging::CONN_TARGET;
 use crate::proxy_protocol::{self, DecodeOptions, Decoded, Endpoints, Expect, Invalid};
+use crate::relay;
 use crate::stats::Stats;
 use crate::upstream::{self, UpstreamOptions};
-use crate::{relay, sockopt};
 
 /// Everything a connection needs, shared by all connections of all TCP listeners.
 #[derive(Debug)]
@@ -74,10 +75,7 @@ impl TcpContext {
 pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>) {
     let stats = &*ctx.stats;
     let _active = Gauge::up(&stats.tcp_active);
-    // Only relayed bytes are affected, and those can still flow without it.
-    if let Err(e) = sockopt::set_nodelay(&conn) {
-        debug!(target: CONN_TARGET, peer = %proxy, error = %e, "cannot set TCP_NODELAY");
-    }
+    // TCP_NODELAY comes from the listening socket (listener::bind_tcp).
     debug!(target: CONN_TARGET, peer = %proxy, "connection accepted");
 
     let header = tokio::time::timeout(ctx.header_timeout, read_header(&mut conn, &ctx)).await;
@@ -96,12 +94,12 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
             return;
         }
     };
-    let client = from.map_or_else(|| "local".to_owned(), |c| c.to_string());
-    let dst = match endpoints {
-        Endpoints::Proxied { destination, .. } => destination.to_string(),
-        Endpoints::Local => "local".to_owned(),
-    };
-    debug!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to, "header received");
+    let client = Shown(from);
+    let dst = Shown(match endpoints {
+        Endpoints::Proxied { destination, .. } => Some(destination),
+        Endpoints::Local => None,
+    });
+    debug!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to, "header received");
 
     let connected = match &ctx.flows {
         Some(flows) => upstream::connect_then(from, to, &ctx.upstream, |local| {
@@ -118,22 +116,22 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&stats.upstream_connect_failed);
-            warn!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to,
+            warn!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to,
                   reason = e.kind(), error = %e, "upstream connection failed");
             return;
         }
     };
     Stats::inc(&stats.tcp_proxied);
-    debug!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to, "upstream connected");
+    debug!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to, "upstream connected");
 
     match relay::relay(conn, upstream, &payload, stats).await {
         Ok(totals) => {
-            debug!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to,
+            debug!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to,
                    bytes_up = totals.up, bytes_down = totals.down, "connection closed");
         }
         Err(e) => {
             Stats::inc(&stats.relay_errors);
-            warn!(target: CONN_TARGET, peer = %proxy, client, dst, upstream = %to,
+            warn!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to,
                   reason = e.kind(), error = %e, "relay failed");
         }
     }
@@ -267,6 +265,21 @@ fn route(
     };
     let port = target.port.unwrap_or(dst_port);
     Ok((from, UpstreamAddr(SocketAddr::new(target.addr, port))))
+}
+
+/// An address of the header for log lines, "local" where it names none. Formatted
+/// only when a line is written: at the default verbosity most connections log
+/// nothing, and should not pay for two strings each.
+#[derive(Clone, Copy)]
+struct Shown<A>(Option<A>);
+
+impl<A: fmt::Display> fmt::Display for Shown<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("local"),
+        }
+    }
 }
 
 /// Holds a gauge up for as long as it lives.
