@@ -10,6 +10,32 @@ use anyhow::{bail, Context, Result};
 
 use crate::netns::Netns;
 
+/// An allowed-subnets file for `--allowed-subnets`, removed with its directory when
+/// dropped.
+pub struct AllowedFile {
+    path: PathBuf,
+    _dir: crate::haproxy::TempDir,
+}
+
+impl AllowedFile {
+    pub fn new(contents: &str) -> Result<Self> {
+        let dir = crate::haproxy::TempDir::new("allowed")?;
+        let path = dir.0.join("allowed.txt");
+        std::fs::write(&path, contents)?;
+        Ok(Self { path, _dir: dir })
+    }
+
+    /// The path, as the daemon's argument.
+    pub fn arg(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// New contents, for a SIGHUP reload.
+    pub fn replace(&self, contents: &str) -> Result<()> {
+        Ok(std::fs::write(&self.path, contents)?)
+    }
+}
+
 /// The line the daemon logs once every listener is up.
 pub const READY: &str = "mmproxy ready";
 

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mmproxy_tests::client::{connect_from, counter};
-use mmproxy_tests::daemon::Daemon;
-use mmproxy_tests::haproxy::TempDir;
+use mmproxy_tests::daemon::{AllowedFile, Daemon};
 use mmproxy_tests::privileged;
 use mmproxy_tests::topology::*;
 use mmproxy_tests::upstream::EchoServer;
@@ -20,12 +19,7 @@ fn kernel_refuses_disallowed_proxy_before_accept() -> Result<()> {
     }
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
-    let dir = TempDir::new("allowed")?;
-    let allowed = dir.0.join("allowed.txt");
-    std::fs::write(
-        &allowed,
-        format!("# the balancer\n{LB_V4}/32\n{LB_V6}/128\n"),
-    )?;
+    let allowed = AllowedFile::new(&format!("# the balancer\n{LB_V4}/32\n{LB_V6}/128\n"))?;
     let d = Daemon::start(
         &t.host,
         &[
@@ -36,7 +30,7 @@ fn kernel_refuses_disallowed_proxy_before_accept() -> Result<()> {
             "-6",
             "[::1]:9000",
             "--allowed-subnets",
-            &allowed.to_string_lossy(),
+            &allowed.arg(),
             "--ebpf",
             "on",
             "-v",
@@ -79,9 +73,7 @@ fn userspace_check_still_applies_without_the_kernel_side() -> Result<()> {
     }
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
-    let dir = TempDir::new("allowed")?;
-    let allowed = dir.0.join("allowed.txt");
-    std::fs::write(&allowed, format!("{LB_V4}/32\n"))?;
+    let allowed = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
     let d = Daemon::start(
         &t.host,
         &[
@@ -90,7 +82,7 @@ fn userspace_check_still_applies_without_the_kernel_side() -> Result<()> {
             "-4",
             "127.0.0.1:9000",
             "--allowed-subnets",
-            &allowed.to_string_lossy(),
+            &allowed.arg(),
             "--ebpf",
             "off",
         ],

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use mmproxy::proxy_protocol::encode_v1;
 use mmproxy_tests::client::{connect_from, counter};
-use mmproxy_tests::daemon::Daemon;
-use mmproxy_tests::haproxy::TempDir;
+use mmproxy_tests::daemon::{AllowedFile, Daemon};
 use mmproxy_tests::netns::Netns;
 use mmproxy_tests::privileged;
 use mmproxy_tests::topology::*;
@@ -250,10 +249,8 @@ fn sighup_swaps_the_kernel_policy_and_keeps_established_connections() -> Result<
     }
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
-    let dir = TempDir::new("allowed")?;
-    let file = dir.0.join("allowed.txt");
-    std::fs::write(&file, format!("{LB_V4}/32\n"))?;
-    let path = file.to_string_lossy().into_owned();
+    let allowed_file = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
+    let path = allowed_file.arg();
     let d = Daemon::start(
         &t.host,
         &[
@@ -278,7 +275,7 @@ fn sighup_swaps_the_kernel_policy_and_keeps_established_connections() -> Result<
     );
 
     // The new file allows only the other address.
-    std::fs::write(&file, format!("{LB_OTHER_V4}/32\n"))?;
+    allowed_file.replace(&format!("{LB_OTHER_V4}/32\n"))?;
     d.signal(libc::SIGHUP);
     d.wait_for("SIGHUP: reloaded", WAIT)?;
     let refused = connect_from(&t.lb, Some(LB_V4), &mm, WAIT)?;
@@ -729,10 +726,8 @@ fn udp_disallowed_proxy_is_dropped_by_the_kernel_and_sighup_swaps_the_policy() -
     }
     let t = Topology::new()?;
     let service = udp_service(&t.host, "127.0.0.1:9000")?;
-    let dir = TempDir::new("allowed")?;
-    let file = dir.0.join("allowed.txt");
-    std::fs::write(&file, format!("{LB_V4}/32\n"))?;
-    let path = file.to_string_lossy().into_owned();
+    let allowed_file = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
+    let path = allowed_file.arg();
     let d = Daemon::start(
         &t.host,
         &[
@@ -767,7 +762,7 @@ fn udp_disallowed_proxy_is_dropped_by_the_kernel_and_sighup_swaps_the_policy() -
         "userspace saw only one: {line}"
     );
 
-    std::fs::write(&file, format!("{LB_OTHER_V4}/32\n"))?;
+    allowed_file.replace(&format!("{LB_OTHER_V4}/32\n"))?;
     d.signal(libc::SIGHUP);
     d.wait_for("SIGHUP: reloaded", WAIT)?;
     assert_eq!(
