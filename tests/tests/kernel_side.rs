@@ -250,7 +250,6 @@ fn sighup_swaps_the_kernel_policy_and_keeps_established_connections() -> Result<
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
     let allowed_file = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
-    let path = allowed_file.arg();
     let d = Daemon::start(
         &t.host,
         &[
@@ -259,7 +258,7 @@ fn sighup_swaps_the_kernel_policy_and_keeps_established_connections() -> Result<
             "-4",
             "127.0.0.1:9000",
             "--allowed-subnets",
-            &path,
+            &allowed_file.arg(),
             "--ebpf",
             "on",
         ],
@@ -727,7 +726,6 @@ fn udp_disallowed_proxy_is_dropped_by_the_kernel_and_sighup_swaps_the_policy() -
     let t = Topology::new()?;
     let service = udp_service(&t.host, "127.0.0.1:9000")?;
     let allowed_file = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
-    let path = allowed_file.arg();
     let d = Daemon::start(
         &t.host,
         &[
@@ -738,7 +736,7 @@ fn udp_disallowed_proxy_is_dropped_by_the_kernel_and_sighup_swaps_the_policy() -
             "-4",
             "127.0.0.1:9000",
             "--allowed-subnets",
-            &path,
+            &allowed_file.arg(),
             "--ebpf",
             "on",
         ],
