@@ -1,6 +1,6 @@
 //! The mmproxy daemon under test, started inside a namespace, its log collected.
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -33,6 +33,12 @@ impl AllowedFile {
     /// New contents, for a SIGHUP reload.
     pub fn replace(&self, contents: &str) -> Result<()> {
         Ok(std::fs::write(&self.path, contents)?)
+    }
+}
+
+impl AsRef<Path> for AllowedFile {
+    fn as_ref(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -233,6 +239,22 @@ impl Daemon {
         self.wait_for_after("stats", before, Duration::from_secs(10))
     }
 
+    /// Asks for the counters (SIGUSR1) until `name` reaches `want`; the last stats
+    /// line.
+    pub fn wait_counter(&self, name: &str, want: u64, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.stats()?;
+            if counter(&line, name) >= want {
+                return Ok(line);
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} did not reach {want} within {timeout:?}: {line}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Like `wait_for`, looking only at lines after the first `skip`.
     pub fn wait_for_after(&self, needle: &str, skip: usize, timeout: Duration) -> Result<String> {
         let (lock, cv) = &*self.log;
@@ -292,4 +314,14 @@ fn collect(stream: impl std::io::Read + Send + 'static, log: Arc<(Mutex<Log>, Co
         }
         cv.notify_all();
     });
+}
+
+/// A counter's value in a `name=value …` stats line; 0 when absent (zeros are not
+/// printed).
+pub fn counter(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.trim_matches('"').parse().ok())
+        .unwrap_or(0)
 }
