@@ -9,9 +9,6 @@ use anyhow::{ensure, Result};
 
 use crate::netns::Netns;
 
-/// Moved to [`crate::daemon`], beside the stats it reads.
-pub use crate::daemon::counter;
-
 /// Connects from `ns` to `dst`, bound to `src` when given. The outer error is the
 /// harness's, the inner one the connection's (so tests can expect a refusal).
 pub fn connect_from(
