@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mmproxy_tests::args::{DaemonArgs, Ebpf};
-use mmproxy_tests::balancer::{proxied, UdpBalancer};
+use mmproxy_tests::balancer::{connect, proxied, UdpBalancer};
 use mmproxy_tests::client::{connect_from, roundtrip};
 use mmproxy_tests::daemon::{counter, AllowedFile, Daemon};
 use mmproxy_tests::topology::*;
@@ -18,18 +18,24 @@ use mmproxy_tests::{require_root, WAIT};
 /// How long a UDP test waits before it takes silence for "dropped".
 const NO_ANSWER: Duration = Duration::from_secs(3);
 
+/// `protocol` on 0.0.0.0:8443, forwarding to 127.0.0.1:9000, letting in what
+/// `allowed` lists.
+fn allowing(protocol: DaemonArgs, allowed: &AllowedFile, ebpf: Ebpf) -> DaemonArgs {
+    protocol
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9000")
+        .allowed(allowed)
+        .ebpf(ebpf)
+}
+
 #[test]
 fn kernel_refuses_disallowed_proxy_before_accept() -> Result<()> {
     require_root!();
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
     let allowed = AllowedFile::new(&format!("# the balancer\n{LB_V4}/32\n{LB_V6}/128\n"))?;
-    let args = DaemonArgs::tcp()
-        .listen("0.0.0.0:8443")
-        .target4("127.0.0.1:9000")
+    let args = allowing(DaemonArgs::tcp(), &allowed, Ebpf::On)
         .target6("[::1]:9000")
-        .allowed(&allowed)
-        .ebpf(Ebpf::On)
         .verbose(2);
     let d = Daemon::start(&t.host, &args)?;
     d.wait_for("kernel side attached", WAIT)?;
@@ -45,8 +51,7 @@ fn kernel_refuses_disallowed_proxy_before_accept() -> Result<()> {
         .context("kernel-side log line")?;
 
     // Allowed: reaches the listener and, through it, the upstream.
-    let mut conn = connect_from(&t.lb, Some(LB_V4), &format!("{HOST_V4}:8443"), WAIT)??;
-    conn.set_read_timeout(Some(WAIT))?;
+    let mut conn = connect(&t, LB_V4, &sock(HOST_V4, 8443))?;
     conn.write_all(format!("PROXY TCP4 {CLIENT_V4} {HOST_V4} 40000 8443\r\nhello").as_bytes())?;
     let mut buf = [0u8; 5];
     conn.read_exact(&mut buf)?;
@@ -67,15 +72,10 @@ fn userspace_check_still_applies_without_the_kernel_side() -> Result<()> {
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
     let allowed = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
-    let args = DaemonArgs::tcp()
-        .listen("0.0.0.0:8443")
-        .target4("127.0.0.1:9000")
-        .allowed(&allowed)
-        .ebpf(Ebpf::Off);
+    let args = allowing(DaemonArgs::tcp(), &allowed, Ebpf::Off);
     let d = Daemon::start(&t.host, &args)?;
     // The kernel lets it in; userspace closes it before reading a header.
-    let mut conn = connect_from(&t.lb, Some(LB_OTHER_V4), &format!("{HOST_V4}:8443"), WAIT)??;
-    conn.set_read_timeout(Some(WAIT))?;
+    let mut conn = connect(&t, LB_OTHER_V4, &sock(HOST_V4, 8443))?;
     let _ =
         conn.write_all(format!("PROXY TCP4 {CLIENT_V4} {HOST_V4} 40001 8443\r\nhello").as_bytes());
     let mut buf = [0u8; 16];
@@ -96,11 +96,7 @@ fn sighup_swaps_the_kernel_policy_and_keeps_established_connections() -> Result<
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
     let allowed_file = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
-    let args = DaemonArgs::tcp()
-        .listen("0.0.0.0:8443")
-        .target4("127.0.0.1:9000")
-        .allowed(&allowed_file)
-        .ebpf(Ebpf::On);
+    let args = allowing(DaemonArgs::tcp(), &allowed_file, Ebpf::On);
     let d = Daemon::start(&t.host, &args)?;
     let mm = sock(HOST_V4, 8443);
     let mut old = proxied(&t, LB_V4, &mm, "198.51.100.9:43000")?;
@@ -141,11 +137,7 @@ fn udp_disallowed_proxy_is_dropped_by_the_kernel_and_sighup_swaps_the_policy() -
     let t = Topology::new()?;
     let service = UdpEcho::start(&t.host, &["127.0.0.1:9000"])?;
     let allowed_file = AllowedFile::new(&format!("{LB_V4}/32\n"))?;
-    let args = DaemonArgs::udp()
-        .listen("0.0.0.0:8443")
-        .target4("127.0.0.1:9000")
-        .allowed(&allowed_file)
-        .ebpf(Ebpf::On);
+    let args = allowing(DaemonArgs::udp(), &allowed_file, Ebpf::On);
     let d = Daemon::start(&t.host, &args)?;
     let mm = sock(HOST_V4, 8443);
     let allowed = UdpBalancer::with_timeout(&t, LB_V4, NO_ANSWER)?;
