@@ -12,7 +12,7 @@ use mmproxy_tests::client::roundtrip;
 use mmproxy_tests::daemon::{counter, Daemon};
 use mmproxy_tests::netns::Netns;
 use mmproxy_tests::topology::*;
-use mmproxy_tests::udp_upstream::{answer, UdpEcho};
+use mmproxy_tests::udp_upstream::UdpEcho;
 use mmproxy_tests::upstream::EchoServer;
 use mmproxy_tests::{require_root, WAIT};
 
@@ -140,15 +140,8 @@ fn udp_range_answers_leave_from_the_port_the_proxy_sent_to() -> Result<()> {
             let client = sock(client_ip, client_port);
             let mm = sock(host, port);
             let payload = format!("to {port}");
-            let got = lb
-                .exchange(client.parse()?, mm.parse()?, payload.as_bytes())
+            lb.roundtrip(client.parse()?, mm.parse()?, payload.as_bytes())
                 .with_context(|| format!("{client} via {mm}\n{}", d.log_text()))?;
-            assert_eq!(
-                got,
-                Some(answer(client.parse()?, payload.as_bytes())),
-                "{client} via {mm}\n{}",
-                d.log_text()
-            );
             assert_eq!(service.next_peer(WAIT)?, client.parse()?);
             exchanged += 1;
         }
