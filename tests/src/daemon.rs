@@ -243,6 +243,22 @@ impl Daemon {
     pub fn open_fds(&self) -> Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
     }
+
+    /// Waits until the daemon holds at most `limit` descriptors (closing them is not
+    /// announced; their count is looked at every 50 ms).
+    pub fn wait_open_fds_at_most(&self, limit: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let fds = self.open_fds()?;
+            if fds <= limit {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{fds} descriptors open after {timeout:?}, at most {limit} expected");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Daemon {

@@ -2,10 +2,7 @@
 //! of 1,000 ports (sk_lookup steers every port of it there), the header's
 //! destination port picks the target's, UDP answers leave from the port the proxy
 //! sent to, and a range without the kernel side refuses to start.
-use std::thread;
-use std::time::{Duration, Instant};
-
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use mmproxy_tests::args::{DaemonArgs, Ebpf, Mode};
 use mmproxy_tests::balancer::{proxied, UdpBalancer};
 use mmproxy_tests::client::roundtrip;
@@ -150,18 +147,9 @@ fn udp_range_answers_leave_from_the_port_the_proxy_sent_to() -> Result<()> {
     assert_eq!(counter(&line, "udp_replies"), exchanged, "{line}");
     assert_eq!(counter(&line, "udp_datagrams"), exchanged, "{line}");
     // Idle for --close-after 1: flows close, and the reply sockets with them.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let fds = d.open_fds()?;
-        if fds <= fds_before {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{fds} descriptors open, {fds_before} before the flows\n{}",
-            d.stats()?
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_open_fds_at_most(fds_before, WAIT).with_context(|| {
+        let stats = d.stats().unwrap_or_default();
+        format!("{fds_before} before the flows\n{stats}")
+    })?;
     Ok(())
 }

@@ -4,8 +4,7 @@
 //! flags it gives (`--ebpf auto` unless it says otherwise).
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, UdpSocket};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use mmproxy::proxy_protocol::{encode_v1, Transport, V2Builder};
@@ -214,18 +213,9 @@ fn thousand_clients_each_answered_and_idle_expiry_closes_their_descriptors() -> 
     let line = s.daemon.wait_counter("udp_flows_expired", 1000, WAIT)?;
     assert_eq!(counter(&line, "udp_flows_active"), 0, "{line}");
     assert_eq!(counter(&line, "udp_flows_evicted"), 0, "{line}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let fds = s.daemon.open_fds()?;
-        if fds <= fds_idle {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{fds} descriptors open after expiry, {fds_idle} before any flow"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    s.daemon
+        .wait_open_fds_at_most(fds_idle, WAIT)
+        .context("after expiry, as many as before any flow")?;
     Ok(())
 }
 
