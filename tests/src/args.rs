@@ -48,7 +48,7 @@ impl Ebpf {
 pub struct DaemonArgs {
     args: Vec<String>,
     ebpf: Option<Ebpf>,
-    mode: Mode,
+    pub(crate) mode: Mode,
 }
 
 impl DaemonArgs {
@@ -127,10 +127,6 @@ impl DaemonArgs {
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
-    }
-
-    pub fn get_mode(&self) -> Mode {
-        self.mode
     }
 
     fn flag(mut self, name: &str, value: impl Display) -> Self {

@@ -73,7 +73,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts mmproxy in `ns` with `args` and waits for its ready line.
     pub fn start(ns: &Netns, args: &DaemonArgs) -> Result<Self> {
-        Self::spawn(ns, args)?.until_ready(args.get_mode())
+        Self::spawn(ns, args)?.until_ready(args.mode)
     }
 
     /// Starts mmproxy through `sh -c '<before> && exec mmproxy <args>'` (a `ulimit`,
@@ -81,11 +81,11 @@ impl Daemon {
     pub fn start_shell(ns: &Netns, before: &str, args: &DaemonArgs) -> Result<Self> {
         let script = format!("{before} && exec {}", args.shell_line(&binary()));
         Self::spawn_program(ns, "sh", &["-c".to_owned(), script], &args.env())?
-            .until_ready(args.get_mode())
+            .until_ready(args.mode)
     }
 
-    /// Starts another program (a proxy to compare with; a shell) and waits for its
-    /// ready line.
+    /// Starts a program given as it is (the benchmark's proxies, mmproxy among them)
+    /// and waits for mmproxy's ready line.
     pub fn start_command(ns: &Netns, program: &str, args: &[&str]) -> Result<Self> {
         Self::spawn_program(ns, program, args, &[])?.until_ready(Mode::AsGiven)
     }
