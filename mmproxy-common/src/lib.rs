@@ -125,15 +125,14 @@ impl FlowKey {
         client: [u8; 16],
         client_port: u16,
     ) -> Self {
-        FlowKey {
-            src_addr: service,
-            dst_addr: client,
-            src_port: service_port,
-            dst_port: client_port,
+        Self::answer(
+            PROTO_TCP,
             family,
-            protocol: PROTO_TCP,
-            _pad: [0; 2],
-        }
+            service,
+            service_port,
+            client,
+            client_port,
+        )
     }
 
     /// The key of a UDP flow's answers. It leaves out the service's address: a
@@ -146,13 +145,32 @@ impl FlowKey {
         client: [u8; 16],
         client_port: u16,
     ) -> Self {
-        FlowKey {
-            src_addr: [0; 16],
-            dst_addr: client,
-            src_port: service_port,
-            dst_port: client_port,
+        Self::answer(
+            PROTO_UDP,
             family,
-            protocol: PROTO_UDP,
+            [0; 16],
+            service_port,
+            client,
+            client_port,
+        )
+    }
+
+    #[inline(always)]
+    const fn answer(
+        protocol: u8,
+        family: u8,
+        src_addr: [u8; 16],
+        src_port: u16,
+        dst_addr: [u8; 16],
+        dst_port: u16,
+    ) -> Self {
+        FlowKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            family,
+            protocol,
             _pad: [0; 2],
         }
     }

@@ -198,14 +198,28 @@ fn set_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: the pointer and length describe a live c_int for the whole call.
+    setsockopt(fd, level, name, &value)
+}
+
+/// setsockopt(2) with `value` as the option's bytes. The caller names an option
+/// whose kernel type is `T`.
+pub fn setsockopt<T>(
+    fd: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: the pointer and length describe `value`, alive for the whole call; the
+    // kernel only reads (copies) it.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_fd().as_raw_fd(),
             level,
             name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            std::ptr::from_ref(value).cast(),
+            len,
         )
     };
     if rc < 0 {

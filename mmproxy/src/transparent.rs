@@ -27,6 +27,21 @@ pub struct Targets {
 }
 
 impl Targets {
+    /// Targets on loopback, for tests.
+    #[cfg(test)]
+    pub fn loopback(port4: Option<u16>, port6: Option<u16>) -> Self {
+        Targets {
+            v4: TargetSpec {
+                addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port: port4,
+            },
+            v6: TargetSpec {
+                addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                port: port6,
+            },
+        }
+    }
+
     pub fn from_args(args: &Args) -> Self {
         Targets {
             v4: args.target4,
@@ -268,19 +283,6 @@ mod tests {
     use crate::addr::OrigDstAddr;
     use std::convert::Infallible;
 
-    fn targets(port4: Option<u16>, port6: Option<u16>) -> Targets {
-        Targets {
-            v4: TargetSpec {
-                addr: "127.0.0.1".parse().unwrap(),
-                port: port4,
-            },
-            v6: TargetSpec {
-                addr: "::1".parse().unwrap(),
-                port: port6,
-            },
-        }
-    }
-
     fn choose(
         t: &Targets,
         endpoints: Endpoints,
@@ -294,7 +296,7 @@ mod tests {
 
     #[test]
     fn target_follows_the_client_family_mapped_is_v4_and_port_falls_back() {
-        let t = targets(None, Some(9000));
+        let t = Targets::loopback(None, Some(9000));
         let proxied = |client: &str, dst: &str| Endpoints::Proxied {
             client: ClientAddr(client.parse().unwrap()),
             destination: OrigDstAddr(dst.parse().unwrap()),
@@ -326,7 +328,7 @@ mod tests {
 
     #[test]
     fn the_sent_to_port_is_asked_for_only_for_local() {
-        let t = targets(Some(1), Some(1));
+        let t = Targets::loopback(Some(1), Some(1));
         let proxied = Endpoints::Proxied {
             client: ClientAddr("198.51.100.9:4000".parse().unwrap()),
             destination: OrigDstAddr("192.0.2.2:53".parse().unwrap()),

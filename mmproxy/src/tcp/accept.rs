@@ -226,7 +226,6 @@ impl ErrorLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::TargetSpec;
     use crate::tcp::ConnectOptions;
     use crate::transparent::Targets;
     use std::sync::atomic::Ordering;
@@ -234,16 +233,7 @@ mod tests {
 
     fn ctx(target_port: u16) -> Arc<TcpContext> {
         Arc::new(TcpContext {
-            targets: Targets {
-                v4: TargetSpec {
-                    addr: "127.0.0.1".parse().unwrap(),
-                    port: Some(target_port),
-                },
-                v6: TargetSpec {
-                    addr: "::1".parse().unwrap(),
-                    port: Some(target_port),
-                },
-            },
+            targets: Targets::loopback(Some(target_port), Some(target_port)),
             upstream: ConnectOptions {
                 mark: 0,
                 connect_timeout: Duration::from_secs(2),

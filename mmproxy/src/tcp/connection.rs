@@ -147,7 +147,6 @@ impl Drop for Gauge<'_> {
 mod tests {
     use super::*;
     use crate::addr::OrigDstAddr;
-    use crate::cli::TargetSpec;
     use crate::proxy_protocol;
     use crate::tcp::ConnectOptions;
     use crate::transparent::Targets;
@@ -167,16 +166,7 @@ mod tests {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = upstream.local_addr().unwrap().port();
         let ctx = Arc::new(TcpContext {
-            targets: Targets {
-                v4: TargetSpec {
-                    addr: "127.0.0.1".parse().unwrap(),
-                    port: Some(port),
-                },
-                v6: TargetSpec {
-                    addr: "::1".parse().unwrap(),
-                    port: Some(port),
-                },
-            },
+            targets: Targets::loopback(Some(port), Some(port)),
             upstream: ConnectOptions {
                 mark: 0,
                 connect_timeout: Duration::from_secs(2),

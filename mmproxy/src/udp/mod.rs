@@ -5,10 +5,10 @@
 //!
 //! # Shape
 //! - One task per listening socket (`--listeners N` SO_REUSEPORT sockets per `-l`,
-//!   [`receive`]). It receives with recvmmsg(2) ([`batch`]), checks the proxy against the allow-list,
-//!   decodes the header, finds or creates the flow and sends the payloads with
-//!   sendmmsg(2), consecutive datagrams of one flow in one call (runs of equal size
-//!   in one UDP GSO message, see [`batch::SendBatch`]).
+//!   [`receive`]). It receives with recvmmsg(2) ([`batch`]), checks the proxy
+//!   against the allow-list, decodes the header, finds or creates the flow and sends
+//!   the payloads with sendmmsg(2), consecutive datagrams of one flow in one call
+//!   (runs of equal size in one UDP GSO message, see [`batch::SendBatch`]).
 //! - A flow is (proxy address, client address); LOCAL datagrams (health checks) have
 //!   no client and share one flow per proxy address ([`flow`]). Each listener owns its
 //!   own [`FlowTable`]: the kernel hashes a proxy's 4-tuple to one SO_REUSEPORT socket,
@@ -16,13 +16,15 @@
 //!   listeners on the per-datagram path. `--max-flows` is split between the
 //!   listening sockets; a full table evicts its least recently used flow.
 //! - Each flow has its own upstream socket ([`crate::transparent`]): IP_TRANSPARENT,
-//!   bound to the client's address and port, *unconnected*, so a service bound to a wildcard may answer from
-//!   any of the host's addresses. Only answers from the port datagrams were sent to
-//!   are relayed (anything else reaching the client's address and port on this host
-//!   is not the service's answer); they are counted in `udp_replies_foreign`.
-//! - Each flow's answers are read by a small task of its own ([`answers`]: recvmmsg into a
-//!   per-thread buffer, sendmmsg through the listening socket with IP_PKTINFO /
-//!   IPV6_PKTINFO naming the local address the proxy used, see [`cmsg`]).
+//!   bound to the client's address and port, *unconnected*, so a service bound to a
+//!   wildcard may answer from any of the host's addresses. Only answers from the port
+//!   datagrams were sent to are relayed (anything else reaching the client's address
+//!   and port on this host is not the service's answer); they are counted in
+//!   `udp_replies_foreign`.
+//! - Each flow's answers are read by a small task of its own ([`answers`]: recvmmsg
+//!   into a per-thread buffer, sendmmsg through the listening socket with
+//!   IP_PKTINFO / IPV6_PKTINFO naming the local address the proxy used, see
+//!   [`cmsg`]).
 //! - Answers leave from the address *and port* the proxy sent to. A port range is
 //!   one socket on its first port that sk_lookup steers the whole range to, so a
 //!   datagram may have been sent to another port than the socket's own: the

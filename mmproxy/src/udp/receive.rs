@@ -476,23 +476,13 @@ impl Dropped {
 )]
 mod tests {
     use super::*;
-    use crate::cli::TargetSpec;
     use crate::proxy_protocol::V2Builder;
     use crate::transparent::Targets;
     use std::time::Instant;
 
     fn ctx(port: u16) -> UdpContext {
         UdpContext {
-            targets: Targets {
-                v4: TargetSpec {
-                    addr: "127.0.0.1".parse().unwrap(),
-                    port: Some(port),
-                },
-                v6: TargetSpec {
-                    addr: "::1".parse().unwrap(),
-                    port: Some(port),
-                },
-            },
+            targets: Targets::loopback(Some(port), Some(port)),
             mark: 0,
             idle: Duration::from_secs(1),
             flows_per_listener: 4,

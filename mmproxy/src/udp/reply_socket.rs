@@ -72,22 +72,8 @@ fn drop_all_received(fd: &impl AsFd) -> io::Result<()> {
         len: 1,
         filter: program.as_mut_ptr(),
     };
-    // SAFETY: `fprog` points at `program`, one instruction, both alive for the call;
-    // the kernel copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            std::ptr::from_ref(&fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // `fprog` points at `program`, alive for the call; the kernel copies the program.
+    sockopt::setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
 }
 
 /// A listener's reply sockets by bound address: shared by every flow answering from
