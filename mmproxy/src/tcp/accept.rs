@@ -41,10 +41,10 @@ const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// IPv6 sockets are IPV6_V6ONLY, so `[::]` and `0.0.0.0` on the same port can both be
 /// listened on and IPv4 peers never show up as IPv4-mapped addresses.
 pub fn bind_tcp(addr: SocketAddr, count: u16) -> io::Result<Vec<std::net::TcpListener>> {
-    sockopt::bind_group(addr, count, bind_one)
+    sockopt::bind_group(addr, count, bind_stream_listener)
 }
 
-fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+fn bind_stream_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = sockopt::listening_socket(addr, Type::STREAM, Protocol::TCP, reuse_port)?;
     // Accepted connections inherit it: one call per listener, not one per connection.
     sockopt::set_nodelay(&socket)?;

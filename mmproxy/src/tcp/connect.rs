@@ -31,7 +31,7 @@ pub async fn connect(
     to: UpstreamAddr,
     opts: &ConnectOptions,
 ) -> Result<TcpStream, UpstreamError> {
-    let socket = open(from, to, opts, PortChoice::AtConnect)?;
+    let socket = open_socket(from, to, opts, PortChoice::AtConnect)?;
     finish(socket, to, opts).await
 }
 
@@ -49,12 +49,12 @@ pub async fn connect_then<T>(
     let Some(client) = from else {
         return Ok((connect(None, to, opts).await?, None));
     };
-    let socket = open(Some(client), to, opts, PortChoice::AtBind)?;
+    let socket = open_socket(Some(client), to, opts, PortChoice::AtBind)?;
     let bound = on_bound(transparent::bound_addr(&socket, client));
     Ok((finish(socket, to, opts).await?, Some(bound)))
 }
 
-fn open(
+fn open_socket(
     from: Option<ClientAddr>,
     to: UpstreamAddr,
     opts: &ConnectOptions,

@@ -46,10 +46,10 @@ const LISTENER_RCVBUF: usize = 4 << 20;
 /// socket to that port on the client's address: without it on both sockets the
 /// kernel refuses the bind as overlapping with the wildcard listener.
 pub fn bind_udp(addr: SocketAddr, count: u16) -> io::Result<Vec<std::net::UdpSocket>> {
-    sockopt::bind_group(addr, count, bind_one)
+    sockopt::bind_group(addr, count, bind_datagram_listener)
 }
 
-fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+fn bind_datagram_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = sockopt::listening_socket(addr, Type::DGRAM, Protocol::UDP, reuse_port)?;
     sockopt::set_recv_pktinfo(&socket, addr.is_ipv6())?;
     sockopt::set_recv_orig_dst_addr(&socket, addr.is_ipv6())?;
@@ -244,7 +244,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             }
             return None;
         }
-        match decode(d, &self.ctx.decode_options()) {
+        match decode_datagram(d, &self.ctx.decode_options()) {
             Ok((endpoints, payload)) => Some(Admitted {
                 source,
                 proxy,
@@ -357,7 +357,10 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
 }
 
 /// The header and payload of a received datagram.
-fn decode<'d>(d: &Received<'d>, opts: &DecodeOptions) -> Result<(Endpoints, &'d [u8]), Dropped> {
+fn decode_datagram<'d>(
+    d: &Received<'d>,
+    opts: &DecodeOptions,
+) -> Result<(Endpoints, &'d [u8]), Dropped> {
     if d.truncated {
         return Err(Dropped::Oversized);
     }
