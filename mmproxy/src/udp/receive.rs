@@ -189,44 +189,44 @@ impl<F: Fn(IpAddr) -> bool> DatagramListener<F> {
             fd: None,
         };
         for d in (0..recv.len()).map_while(|i| recv.get(i)) {
-            let Some(admitted) = flows.admit(&d, now) else {
-                continue;
-            };
-            // LOCAL without a target port goes to the port the proxy sent to.
-            let sent_to_port = d.orig_dst.map_or(flows.local_port, |a| a.port());
-            let Ok((client, target)) =
-                flows
-                    .ctx
-                    .targets
-                    .choose(admitted.endpoints, admitted.proxy, || {
-                        Ok::<_, Infallible>(sent_to_port)
-                    });
-            let id = FlowId {
-                proxy: admitted.proxy,
-                client,
-            };
-            let reply_key = ReplyKey {
-                local: d.local,
-                orig_dst: d.orig_dst,
-            };
-            let Some(fd) = flows.flow_fd(id, target, admitted.source, reply_key, &mut out, now)
-            else {
-                continue;
-            };
-            out.push(
-                fd,
-                target,
-                admitted.payload,
-                &flows.ctx.stats,
-                &mut flows.log,
-                now,
-            );
+            if let Some((fd, target, payload)) = flows.dispatch(&d, &mut out, now) {
+                out.push(fd, target, payload, &flows.ctx.stats, &mut flows.log, now);
+            }
         }
         out.flush(&flows.ctx.stats, &mut flows.log, now);
     }
 }
 
 impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
+    /// Where a received datagram's payload goes: its flow's socket (opened if new) and
+    /// target. `None` when it is dropped (counted and logged).
+    fn dispatch<'d>(
+        &mut self,
+        d: &Received<'d>,
+        out: &mut ToUpstream<'_, '_>,
+        now: u64,
+    ) -> Option<(RawFd, UpstreamAddr, &'d [u8])> {
+        let admitted = self.admit(d, now)?;
+        // LOCAL without a target port goes to the port the proxy sent to.
+        let sent_to_port = d.orig_dst.map_or(self.local_port, |a| a.port());
+        let Ok((client, target)) =
+            self.ctx
+                .targets
+                .choose(admitted.endpoints, admitted.proxy, || {
+                    Ok::<_, Infallible>(sent_to_port)
+                });
+        let id = FlowId {
+            proxy: admitted.proxy,
+            client,
+        };
+        let reply_key = ReplyKey {
+            local: d.local,
+            orig_dst: d.orig_dst,
+        };
+        let fd = self.flow_fd(id, target, admitted.source, reply_key, out, now)?;
+        Some((fd, target, admitted.payload))
+    }
+
     /// The datagram's proxy and header, or `None` (counted and logged) when it is not
     /// to be relayed.
     fn admit<'d>(&mut self, d: &Received<'d>, now: u64) -> Option<Admitted<'d>> {
