@@ -96,9 +96,9 @@ pub const MAX_FLOWS: u32 = 131_072;
 /// sk_lookup uses it to leave answers to mmproxy's own UDP sockets alone.
 ///
 /// Addresses and ports are in network byte order (as in the packet); IPv4 uses the
-/// first four bytes of each address. For UDP `src_addr` is all zeros: a service
-/// bound to 0.0.0.0 answers from whatever address routing picks, not necessarily
-/// the one mmproxy sent to.
+/// first four bytes of each address. For UDP `src_addr` is all zeros (see
+/// [`FlowKey::udp_answer`]). Build keys with the constructors, which both the daemon
+/// and the BPF programs use.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct FlowKey {
@@ -111,6 +111,88 @@ pub struct FlowKey {
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub protocol: u8,
     pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The key of a TCP flow's answers: from `service` (address and port the upstream
+    /// socket sends to) to `client` (the address and port it is bound to). Addresses
+    /// and ports as in [`FlowKey`]'s fields.
+    #[inline(always)]
+    pub const fn tcp_answer(
+        family: u8,
+        service: [u8; 16],
+        service_port: u16,
+        client: [u8; 16],
+        client_port: u16,
+    ) -> Self {
+        Self::answer(
+            PROTO_TCP,
+            family,
+            service,
+            service_port,
+            client,
+            client_port,
+        )
+    }
+
+    /// The key of a UDP flow's answers. It leaves out the service's address: a
+    /// service bound to 0.0.0.0 answers from whatever address routing picks, not
+    /// necessarily the one mmproxy sent to.
+    #[inline(always)]
+    pub const fn udp_answer(
+        family: u8,
+        service_port: u16,
+        client: [u8; 16],
+        client_port: u16,
+    ) -> Self {
+        Self::answer(
+            PROTO_UDP,
+            family,
+            [0; 16],
+            service_port,
+            client,
+            client_port,
+        )
+    }
+
+    #[inline(always)]
+    const fn answer(
+        protocol: u8,
+        family: u8,
+        src_addr: [u8; 16],
+        src_port: u16,
+        dst_addr: [u8; 16],
+        dst_port: u16,
+    ) -> Self {
+        FlowKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            family,
+            protocol,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The key a packet from `src` to `dst` would have if it answered a live flow:
+    /// [`FlowKey::tcp_answer`] or [`FlowKey::udp_answer`] by `protocol`, `None` for
+    /// other protocols.
+    #[inline(always)]
+    pub const fn of_packet(
+        family: u8,
+        protocol: u8,
+        src: [u8; 16],
+        src_port: u16,
+        dst: [u8; 16],
+        dst_port: u16,
+    ) -> Option<Self> {
+        match protocol {
+            PROTO_TCP => Some(Self::tcp_answer(family, src, src_port, dst, dst_port)),
+            PROTO_UDP => Some(Self::udp_answer(family, src_port, dst, dst_port)),
+            _ => None,
+        }
+    }
 }
 
 /// Indices into the per-CPU `COUNTERS` array.
@@ -209,6 +291,25 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, family), 36);
         assert_eq!(offset_of!(FlowKey, protocol), 37);
         assert_eq!(offset_of!(FlowKey, _pad), 38);
+    }
+
+    #[test]
+    fn udp_answers_leave_out_the_service_address() {
+        let service = [192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let client = [198, 51, 100, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let udp = FlowKey::of_packet(FAMILY_V4, PROTO_UDP, service, 53, client, 4000);
+        assert_eq!(udp, Some(FlowKey::udp_answer(FAMILY_V4, 53, client, 4000)));
+        assert_eq!(udp.map(|k| k.src_addr), Some([0; 16]));
+        let tcp = FlowKey::of_packet(FAMILY_V4, PROTO_TCP, service, 443, client, 4000);
+        assert_eq!(
+            tcp,
+            Some(FlowKey::tcp_answer(FAMILY_V4, service, 443, client, 4000))
+        );
+        assert_eq!(tcp.map(|k| k.src_addr), Some(service));
+        assert_eq!(
+            FlowKey::of_packet(FAMILY_V4, 1, service, 0, client, 0),
+            None
+        );
     }
 
     #[test]

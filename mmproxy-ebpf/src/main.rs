@@ -234,16 +234,12 @@ fn source_allowed(lookup: &Lookup) -> bool {
 }
 
 fn is_flow_answer(lookup: &Lookup) -> bool {
-    let key = FlowKey {
-        // UDP flows are registered without the service's address (see FlowKey).
-        src_addr: [0; 16],
-        dst_addr: lookup.local,
-        src_port: lookup.remote_port,
-        dst_port: lookup.local_port.to_be(),
-        family: lookup.family,
-        protocol: lookup.protocol,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::udp_answer(
+        lookup.family,
+        lookup.remote_port,
+        lookup.local,
+        lookup.local_port.to_be(),
+    );
     FLOWS.get_ptr(&key).is_some()
 }
 
@@ -293,8 +289,9 @@ fn is_live_answer(ctx: &TcContext) -> bool {
     let Ok(ethertype) = ctx.load::<u16>(12) else {
         return false;
     };
-    let mut key = FlowKey::default();
-    let l4 = match u16::from_be(ethertype) {
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let (family, protocol, l4) = match u16::from_be(ethertype) {
         ETH_P_IP => {
             let Ok(ver_ihl) = ctx.load::<u8>(ETH_HLEN) else {
                 return false;
@@ -309,47 +306,42 @@ fn is_live_answer(ctx: &TcContext) -> bool {
             let Ok(proto) = ctx.load::<u8>(ETH_HLEN + 9) else {
                 return false;
             };
-            let Ok(src) = ctx.load::<[u8; 4]>(ETH_HLEN + 12) else {
+            let Ok(s4) = ctx.load::<[u8; 4]>(ETH_HLEN + 12) else {
                 return false;
             };
-            let Ok(dst) = ctx.load::<[u8; 4]>(ETH_HLEN + 16) else {
+            let Ok(d4) = ctx.load::<[u8; 4]>(ETH_HLEN + 16) else {
                 return false;
             };
-            key.family = FAMILY_V4;
-            key.protocol = proto;
-            key.src_addr[..4].copy_from_slice(&src);
-            key.dst_addr[..4].copy_from_slice(&dst);
-            ETH_HLEN + usize::from(ver_ihl & 0x0f) * 4
+            src[..4].copy_from_slice(&s4);
+            dst[..4].copy_from_slice(&d4);
+            (FAMILY_V4, proto, ETH_HLEN + usize::from(ver_ihl & 0x0f) * 4)
         }
         ETH_P_IPV6 => {
             let Ok(next) = ctx.load::<u8>(ETH_HLEN + 6) else {
                 return false;
             };
-            let Ok(src) = ctx.load::<[u8; 16]>(ETH_HLEN + 8) else {
+            let Ok(s6) = ctx.load::<[u8; 16]>(ETH_HLEN + 8) else {
                 return false;
             };
-            let Ok(dst) = ctx.load::<[u8; 16]>(ETH_HLEN + 24) else {
+            let Ok(d6) = ctx.load::<[u8; 16]>(ETH_HLEN + 24) else {
                 return false;
             };
-            key.family = FAMILY_V6;
-            key.protocol = next;
-            key.src_addr = src;
-            key.dst_addr = dst;
-            ETH_HLEN + 40
+            src = s6;
+            dst = d6;
+            (FAMILY_V6, next, ETH_HLEN + 40)
         }
         _ => return false,
     };
-    if key.protocol == PROTO_UDP {
-        key.src_addr = [0; 16];
-    } else if key.protocol != PROTO_TCP {
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return false;
     }
     let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
         return false;
     };
-    key.src_port = ports[0];
-    key.dst_port = ports[1];
-    FLOWS.get_ptr(&key).is_some()
+    match FlowKey::of_packet(family, protocol, src, ports[0], dst, ports[1]) {
+        Some(key) => FLOWS.get_ptr(&key).is_some(),
+        None => false,
+    }
 }
 
 fn count(counter: Counter) {

@@ -50,3 +50,39 @@ addr_role!(
     /// A local address mmproxy listens on (`-l`).
     ListenAddr
 );
+
+/// The one form an address takes inside mmproxy: IPv4-mapped IPv6 (`::ffff:a.b.c.d`)
+/// as plain IPv4. A v4 client named in a v6 header is bound on an IPv4 socket, a v4
+/// balancer seen on a dual-stack socket is checked against the IPv4 allow-list, and
+/// the kernel's flow keys use IPv4 for both.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// An address of the header for log lines, "local" where it names none. Formatted
+/// only when a line is written: at the default verbosity most connections log
+/// nothing, and should not pay for two strings each.
+#[derive(Clone, Copy)]
+pub struct Shown<A>(pub Option<A>);
+
+impl<A: fmt::Display> fmt::Display for Shown<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("local"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_are_ipv4() {
+        let a: SocketAddr = "[::ffff:192.0.2.7]:5".parse().unwrap();
+        assert_eq!(canonical(a), "192.0.2.7:5".parse::<SocketAddr>().unwrap());
+        let b: SocketAddr = "[2001:db8::1]:5".parse().unwrap();
+        assert_eq!(canonical(b), b);
+    }
+}

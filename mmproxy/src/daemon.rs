@@ -18,10 +18,9 @@ use tracing::{error, info, warn};
 use crate::allowed_subnets::{AllowList, SharedAllowList};
 use crate::cli::{Args, EbpfMode, Protocol};
 use crate::ebpf::{self, FlowRegistry, KernelOptions, KernelSide};
-use crate::listener;
 use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
-use crate::tcp::TcpContext;
+use crate::tcp::{self, TcpContext};
 use crate::udp;
 
 pub async fn run(args: Args) -> Result<()> {
@@ -140,7 +139,7 @@ impl Bound {
         Ok(match args.protocol {
             Protocol::Tcp => Bound::Tcp(
                 addrs
-                    .map(|a| listener::bind_tcp(a, args.listeners).with_context(listening(a)))
+                    .map(|a| tcp::bind_tcp(a, args.listeners).with_context(listening(a)))
                     .collect::<Result<_>>()?,
             ),
             Protocol::Udp => Bound::Udp(
@@ -178,7 +177,7 @@ impl Serving<'_> {
                 tokio::net::TcpListener::from_std(socket).context("registering listener")?;
             listening.push(shown(socket.local_addr()));
             let allowed = self.allowed.clone();
-            self.tracker.spawn(listener::serve_tcp(
+            self.tracker.spawn(tcp::serve_tcp(
                 socket,
                 ctx.clone(),
                 move |ip| allowed.allows(ip),

@@ -1,25 +1,24 @@
 //! mmproxy: accepts connections and datagrams from a PROXY-protocol load balancer,
 //! strips the header and talks to the service from the original client's address.
 //!
-//! Packet path (see README "Architecture"): [`listener`] accepts from the balancer
-//! (after the kernel's [`ebpf`] sk_lookup policy) → [`tcp`] reads the header with the
-//! pure [`proxy_protocol`] decoder → [`upstream`] opens the transparent socket from
-//! the client's address → [`relay`] splices bytes both ways. [`routing`] installs the
-//! policy routing that brings the service's answers back to that socket.
+//! Packet path (ARCHITECTURE.md): the balancer's connections and datagrams reach a
+//! listener of [`tcp`] or [`udp`] (after the kernel's [`ebpf`] sk_lookup policy);
+//! the pure [`proxy_protocol`] decoder reads the header; [`transparent`] opens the
+//! upstream socket from the client's address; TCP splices bytes both ways, UDP relays
+//! datagrams and their answers. [`routing`] installs the policy routing (and
+//! [`ebpf`] the tc programs) that bring the service's answers back to that socket.
 pub mod addr;
 pub mod allowed_subnets;
 pub mod cli;
 pub mod daemon;
 pub mod ebpf;
-pub mod listener;
 pub mod logging;
 pub mod proxy_protocol;
-pub mod relay;
 pub mod routing;
 pub mod sockopt;
 pub mod stats;
 pub mod tcp;
 #[cfg(test)]
 mod testing;
+pub mod transparent;
 pub mod udp;
-pub mod upstream;

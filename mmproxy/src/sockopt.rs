@@ -5,10 +5,11 @@
 //! streams and listeners, `OwnedFd`), so callers never handle raw descriptors.
 //! socket2 is used where it has the option; the rest go through `libc`.
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// IP_TRANSPARENT: lets an IPv4 socket bind to the client's (non-local) address, so
 /// the service sees the client rather than mmproxy. Needs CAP_NET_ADMIN.
@@ -133,20 +134,92 @@ pub fn set_recv_orig_dst_addr(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// SO_RCVBUFFORCE (allowed with CAP_NET_ADMIN, which mmproxy has anyway), else
+/// SO_RCVBUF capped by net.core.rmem_max: a larger receive buffer for sockets that
+/// take bursts. Best effort: the default still works.
+pub fn set_large_rcvbuf(fd: &impl AsFd, bytes: usize) {
+    let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    if set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size).is_err() {
+        let _ = SockRef::from(fd).set_recv_buffer_size(bytes);
+    }
+}
+
+/// A nonblocking listening socket for `addr` with what TCP and UDP listeners share:
+/// SO_REUSEADDR (a restart while old flows are closing must not fail to bind),
+/// SO_REUSEPORT only for `--listeners` > 1 (otherwise a second mmproxy started by
+/// mistake on the same port would silently share the traffic instead of failing to
+/// start), and IPV6_V6ONLY for IPv6. Not bound yet: each protocol adds its own
+/// options first.
+pub fn listening_socket(
+    addr: SocketAddr,
+    ty: Type,
+    protocol: Protocol,
+    reuse_port: bool,
+) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        ty.nonblocking().cloexec(),
+        Some(protocol),
+    )?;
+    set_reuse_address(&socket)?;
+    if reuse_port {
+        set_reuse_port(&socket)?;
+    }
+    if addr.is_ipv6() {
+        set_ipv6_only(&socket)?;
+    }
+    Ok(socket)
+}
+
+/// Opens `count` sockets on `addr` (at least one) with `bind_one(addr, reuse_port)`,
+/// sharing it through SO_REUSEPORT when more than one; with port 0 the first
+/// socket's port is used for the rest.
+pub fn bind_group<S: From<Socket>>(
+    addr: SocketAddr,
+    count: u16,
+    bind_one: impl Fn(SocketAddr, bool) -> io::Result<Socket>,
+) -> io::Result<Vec<S>> {
+    let count = count.max(1);
+    let mut out = Vec::with_capacity(usize::from(count));
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = bind_one(addr, count > 1)?;
+        if let Some(bound) = socket.local_addr()?.as_socket() {
+            addr = bound;
+        }
+        out.push(S::from(socket));
+    }
+    Ok(out)
+}
+
 fn set_int(
     fd: &impl AsFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: the pointer and length describe a live c_int for the whole call.
+    setsockopt(fd, level, name, &value)
+}
+
+/// setsockopt(2) with `value` as the option's bytes. The caller names an option
+/// whose kernel type is `T`.
+pub fn setsockopt<T>(
+    fd: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: the pointer and length describe `value`, alive for the whole call; the
+    // kernel only reads (copies) it.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_fd().as_raw_fd(),
             level,
             name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            std::ptr::from_ref(value).cast(),
+            len,
         )
     };
     if rc < 0 {
@@ -159,7 +232,6 @@ fn set_int(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use socket2::{Domain, Protocol, Socket, Type};
 
     fn get_int(fd: &impl AsFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
         let mut v: libc::c_int = 0;

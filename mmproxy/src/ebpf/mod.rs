@@ -1,12 +1,12 @@
 //! The kernel side, seen from the daemon: loads the embedded BPF object, attaches the
 //! sk_lookup program to the daemon's network namespace and the return-path tc
 //! programs to the interfaces [`ifaces`] chose, and keeps the maps in step with the
-//! configuration and the live flows ([`flows`]).
+//! configuration and the live flows ([`flow_map`]).
 //!
 //! Everything is held by [`KernelSide`]: programs are attached through links owned by
 //! this process, so dropping it — or the process dying, even by SIGKILL — detaches
 //! them. Nothing is pinned to bpffs.
-pub mod flows;
+pub mod flow_map;
 pub mod ifaces;
 mod rules;
 mod subnets;
@@ -23,8 +23,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use mmproxy_common::{map_names, program_names, Config, Counter, FlowKey, ListenRule};
 use tokio::io::unix::AsyncFd;
 
-use flows::KernelFlows;
-pub use flows::{FlowError, FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
+use flow_map::KernelFlows;
+pub use flow_map::{FlowMapError, FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 pub use ifaces::ReturnInterfaces;
 pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};

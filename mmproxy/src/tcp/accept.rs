@@ -1,4 +1,4 @@
-//! TCP listening sockets and the accept loop (design notes, packet path 1).
+//! TCP listening sockets and the accept loop (ARCHITECTURE.md, steps 1 and 2).
 //!
 //! The accept loop never ends on an error: descriptor or memory exhaustion backs off
 //! and retries, so the daemon serves again as soon as the pressure ends (go-mmproxy
@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -18,11 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::addr::ProxyAddr;
+use crate::addr::{canonical, ProxyAddr};
 use crate::logging::CONN_TARGET;
 use crate::sockopt;
 use crate::stats::Stats;
-use crate::tcp::{self, TcpContext};
+use crate::transparent::descriptor_hint;
+
+use super::connection;
+use super::TcpContext;
 
 /// Pending connections the kernel queues per socket (capped by net.core.somaxconn).
 const BACKLOG: i32 = 4096;
@@ -38,35 +41,16 @@ const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// IPv6 sockets are IPV6_V6ONLY, so `[::]` and `0.0.0.0` on the same port can both be
 /// listened on and IPv4 peers never show up as IPv4-mapped addresses.
 pub fn bind_tcp(addr: SocketAddr, count: u16) -> io::Result<Vec<std::net::TcpListener>> {
-    let count = count.max(1);
-    let mut out = Vec::with_capacity(usize::from(count));
-    let mut addr = addr;
-    for _ in 0..count {
-        let l = bind_one(addr, count > 1)?;
-        addr = l.local_addr()?;
-        out.push(l);
-    }
-    Ok(out)
+    sockopt::bind_group(addr, count, bind_stream_listener)
 }
 
-fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    let ty = Type::STREAM.nonblocking().cloexec();
-    let socket = Socket::new(Domain::for_address(addr), ty, Some(Protocol::TCP))?;
-    // Restarting while old connections are in TIME_WAIT must not fail to bind.
-    sockopt::set_reuse_address(&socket)?;
-    // Only for --listeners > 1: otherwise a second mmproxy started by mistake on the
-    // same port would silently share the traffic instead of failing to start.
-    if reuse_port {
-        sockopt::set_reuse_port(&socket)?;
-    }
-    if addr.is_ipv6() {
-        sockopt::set_ipv6_only(&socket)?;
-    }
+fn bind_stream_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let socket = sockopt::listening_socket(addr, Type::STREAM, Protocol::TCP, reuse_port)?;
     // Accepted connections inherit it: one call per listener, not one per connection.
     sockopt::set_nodelay(&socket)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// Puts each listener in its own task, so N SO_REUSEPORT sockets are served in
@@ -135,12 +119,12 @@ pub async fn serve_tcp<F>(
         match accepted {
             Ok((conn, peer)) => {
                 backoff.reset();
-                let peer = ProxyAddr(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
+                let peer = ProxyAddr(canonical(peer));
                 if admit(&conn, peer, &allowed, &ctx.stats) {
                     let ctx = ctx.clone();
                     tasks.spawn(async move {
                         let _permit = permit;
-                        tcp::handle(conn, peer, ctx).await;
+                        connection::handle(conn, peer, ctx).await;
                     });
                 }
             }
@@ -234,40 +218,23 @@ impl ErrorLog {
         }
         let suppressed = std::mem::take(&mut self.suppressed);
         self.last = Some(now);
-        warn!(listen = ?listen, error = %e, retry_in = ?pause, suppressed,
-              "accept failed{}", accept_hint(e));
-    }
-}
-
-fn accept_hint(e: &io::Error) -> &'static str {
-    match e.raw_os_error() {
-        Some(libc::EMFILE) => {
-            " (descriptor limit: raise LimitNOFILE / ulimit -n, or lower --max-connections)"
-        }
-        Some(libc::ENFILE) => " (system-wide descriptor limit: fs.file-max)",
-        _ => "",
+        warn!(listen = ?listen, error = e as &dyn std::error::Error, retry_in = ?pause,
+              suppressed, "accept failed{}", descriptor_hint(e));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::TargetSpec;
-    use crate::upstream::UpstreamOptions;
+    use crate::tcp::ConnectOptions;
+    use crate::transparent::Targets;
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn ctx(target_port: u16) -> Arc<TcpContext> {
         Arc::new(TcpContext {
-            target4: TargetSpec {
-                addr: "127.0.0.1".parse().unwrap(),
-                port: Some(target_port),
-            },
-            target6: TargetSpec {
-                addr: "::1".parse().unwrap(),
-                port: Some(target_port),
-            },
-            upstream: UpstreamOptions {
+            targets: Targets::loopback(Some(target_port), Some(target_port)),
+            upstream: ConnectOptions {
                 mark: 0,
                 connect_timeout: Duration::from_secs(2),
             },

@@ -1,5 +1,5 @@
-//! Zero-copy relay between the client and upstream connections (design notes,
-//! packet path 4).
+//! Zero-copy relay between the client and upstream connections (ARCHITECTURE.md,
+//! step 5).
 //!
 //! Each direction splices socket → pipe → socket. A pipe is held only while bytes
 //! are in flight in that direction: an idle connection holds none, so its kernel
@@ -65,13 +65,13 @@ impl fmt::Display for Side {
 /// Why a relay ended early. Both connections are closed when it is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("reading from {side}: {source}")]
+    #[error("reading from the {side} connection failed")]
     Read {
         side: Side,
         #[source]
         source: io::Error,
     },
-    #[error("writing to {side}: {source}")]
+    #[error("writing to the {side} connection failed")]
     Write {
         side: Side,
         #[source]

@@ -1,81 +1,32 @@
-//! One proxied TCP connection: read and check the PROXY header, open the upstream
-//! connection from the client's address, relay.
+//! One proxied TCP connection, from accept to close: the header phase, the
+//! upstream connection from the client's address, the relay (ARCHITECTURE.md,
+//! steps 3 to 5).
 //!
 //! Logging follows [`crate::logging`]: failures of a connection are `warn!` and
 //! state changes `debug!`, both on [`CONN_TARGET`], so `-v` decides what is shown.
-use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::addr::{ClientAddr, ProxyAddr, UpstreamAddr};
-use crate::cli::{Args, TargetSpec};
+use crate::addr::{ClientAddr, ProxyAddr, Shown, UpstreamAddr};
 use crate::ebpf::{FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 use crate::logging::CONN_TARGET;
-use crate::proxy_protocol::{self, DecodeOptions, Decoded, Endpoints, Expect, Invalid};
-use crate::relay;
+use crate::proxy_protocol::Endpoints;
 use crate::stats::Stats;
-use crate::upstream::{self, UpstreamOptions};
 
-/// Everything a connection needs, shared by all connections of all TCP listeners.
-#[derive(Debug)]
-pub struct TcpContext {
-    /// `-4`: target for IPv4 clients (and IPv4-mapped IPv6 ones).
-    pub target4: TargetSpec,
-    /// `-6`: target for IPv6 clients.
-    pub target6: TargetSpec,
-    pub upstream: UpstreamOptions,
-    /// Bound on receiving the whole header, however it is split.
-    pub header_timeout: Duration,
-    /// Largest v2 header accepted; also the size of the per-connection header buffer.
-    pub max_header_len: usize,
-    pub stats: Arc<Stats>,
-    /// When the kernel side steers return traffic: every transparent upstream
-    /// connection is registered here before its SYN leaves, for as long as it lives.
-    pub flows: Option<Arc<dyn FlowRegistry>>,
-}
-
-impl TcpContext {
-    pub fn from_args(args: &Args, stats: Arc<Stats>) -> Self {
-        TcpContext {
-            target4: args.target4,
-            target6: args.target6,
-            upstream: UpstreamOptions {
-                mark: args.mark,
-                connect_timeout: args.connect_timeout,
-            },
-            header_timeout: args.header_timeout,
-            max_header_len: args.max_header_len,
-            stats,
-            flows: None,
-        }
-    }
-
-    fn decode_options(&self) -> DecodeOptions {
-        DecodeOptions {
-            max_header_len: self.max_header_len,
-            transport: Expect::Stream,
-        }
-    }
-
-    /// The buffer must hold any acceptable header, v1 lines included.
-    fn header_buf_len(&self) -> usize {
-        self.max_header_len.max(proxy_protocol::V1_MAX_LEN)
-    }
-}
+use super::header_phase::{read_header, reject, Rejection};
+use super::{connect, relay, TcpContext};
 
 /// Serves one accepted connection from the balancer at `proxy` to its end. Never
 /// fails: every outcome is counted and logged, and both sockets are closed on return.
 pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>) {
     let stats = &*ctx.stats;
     let _active = Gauge::up(&stats.tcp_active);
-    // TCP_NODELAY comes from the listening socket (listener::bind_tcp).
+    // TCP_NODELAY comes from the listening socket (accept::bind_tcp).
     debug!(target: CONN_TARGET, peer = %proxy, "connection accepted");
 
     let header = tokio::time::timeout(ctx.header_timeout, read_header(&mut conn, &ctx)).await;
@@ -85,11 +36,12 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
         Err(_) => return reject(Rejection::Timeout(ctx.header_timeout), proxy, &ctx),
     };
 
-    let (from, to) = match route(endpoints, &conn, &ctx) {
+    let (from, to) = match choose_target(endpoints, &conn, proxy, &ctx) {
         Ok(route) => route,
         Err(e) => {
             Stats::inc(&stats.upstream_connect_failed);
-            warn!(target: CONN_TARGET, peer = %proxy, reason = "no_local_addr", error = %e,
+            warn!(target: CONN_TARGET, peer = %proxy, reason = "no_local_addr",
+                  error = &e as &dyn std::error::Error,
                   "cannot choose the upstream for a LOCAL header");
             return;
         }
@@ -102,12 +54,12 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
     debug!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to, "header received");
 
     let connected = match &ctx.flows {
-        Some(flows) => upstream::connect_then(from, to, &ctx.upstream, |local| {
+        Some(flows) => connect::connect_then(from, to, &ctx.upstream, |local| {
             register_flow(flows, local, to, proxy)
         })
         .await
         .map(|(s, reg)| (s, reg.flatten())),
-        None => upstream::connect(from, to, &ctx.upstream)
+        None => connect::connect(from, to, &ctx.upstream)
             .await
             .map(|s| (s, None)),
     };
@@ -117,7 +69,8 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
         Err(e) => {
             Stats::inc(&stats.upstream_connect_failed);
             warn!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to,
-                  reason = e.kind(), error = %e, "upstream connection failed");
+                  reason = e.kind(), error = &e as &dyn std::error::Error,
+                  "upstream connection failed");
             return;
         }
     };
@@ -132,7 +85,7 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
         Err(e) => {
             Stats::inc(&stats.relay_errors);
             warn!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to,
-                  reason = e.kind(), error = %e, "relay failed");
+                  reason = e.kind(), error = &e as &dyn std::error::Error, "relay failed");
         }
     }
 }
@@ -155,131 +108,23 @@ fn register_flow(
         Ok(r) => Some(r),
         Err(e) => {
             warn!(target: CONN_TARGET, peer = %proxy, client = %local, upstream = %to,
-                  reason = "flow_table", error = %e, "answers of this connection are not steered");
+                  reason = "flow_table", error = &e as &dyn std::error::Error,
+                  "answers of this connection are not steered");
             None
         }
     }
 }
 
-/// Why a connection was closed before a complete header.
-#[derive(Debug)]
-enum Rejection {
-    Invalid(Invalid),
-    Timeout(Duration),
-    /// The peer closed after sending this many bytes.
-    Eof(usize),
-    Io(io::Error),
-}
-
-fn reject(rejection: Rejection, proxy: ProxyAddr, ctx: &TcpContext) {
-    let stats = &*ctx.stats;
-    match rejection {
-        Rejection::Invalid(e) => {
-            Stats::inc(&stats.rejected_invalid_header);
-            warn!(target: CONN_TARGET, peer = %proxy, reason = e.kind(), error = %e,
-                  "invalid PROXY header, connection closed");
-        }
-        Rejection::Timeout(after) => {
-            Stats::inc(&stats.rejected_header_timeout);
-            warn!(target: CONN_TARGET, peer = %proxy, reason = "header_timeout",
-                  "no complete PROXY header within {after:?}, connection closed");
-        }
-        // Balancers' plain TCP health checks connect and close: not worth a warning.
-        Rejection::Eof(0) => {
-            Stats::inc(&stats.rejected_header_eof);
-            debug!(target: CONN_TARGET, peer = %proxy, reason = "eof",
-                   "connection closed before any byte");
-        }
-        Rejection::Eof(n) => {
-            Stats::inc(&stats.rejected_header_eof);
-            warn!(target: CONN_TARGET, peer = %proxy, reason = "eof", received = n,
-                  "connection closed inside the PROXY header");
-        }
-        Rejection::Io(e) => {
-            Stats::inc(&stats.rejected_header_eof);
-            warn!(target: CONN_TARGET, peer = %proxy, reason = "read_error", error = %e,
-                  "reading the PROXY header failed");
-        }
-    }
-}
-
-/// Reads until the decoder has a complete header, in as many reads as it takes.
-/// Returns the endpoints and the payload bytes that arrived with the header (usually
-/// none; then nothing is allocated for them).
-async fn read_header(
-    conn: &mut TcpStream,
-    ctx: &TcpContext,
-) -> Result<(Endpoints, Vec<u8>), Rejection> {
-    let opts = ctx.decode_options();
-    let mut buf = vec![0u8; ctx.header_buf_len()];
-    let mut filled = 0;
-    loop {
-        let Some(free) = buf.get_mut(filled..).filter(|f| !f.is_empty()) else {
-            // The decoder refuses headers above the maximum before the buffer fills;
-            // this only guards against that promise being broken.
-            return Err(Rejection::Invalid(Invalid::TooLong {
-                len: filled,
-                max: ctx.max_header_len,
-            }));
-        };
-        let n = conn.read(free).await.map_err(Rejection::Io)?;
-        if n == 0 {
-            return Err(Rejection::Eof(filled));
-        }
-        filled += n;
-        let received = buf.get(..filled).unwrap_or_default();
-        match proxy_protocol::decode(received, &opts) {
-            Ok(Decoded::NeedMore { .. }) => continue,
-            Ok(Decoded::Complete { header, len }) => {
-                let payload = received.get(len..).unwrap_or_default().to_vec();
-                return Ok((header.endpoints(), payload));
-            }
-            Err(e) => return Err(Rejection::Invalid(e)),
-        }
-    }
-}
-
-/// Where to connect from and to. The target is chosen by the client's family (as
-/// go-mmproxy does), or by the balancer's for LOCAL headers, which have no client.
-/// Without a target port, the header's destination port is used (for LOCAL: the
-/// port the balancer connected to).
-fn route(
+/// Where to connect from and to ([`crate::transparent::Targets::choose`]); for LOCAL
+/// the port the balancer connected to is the accepted connection's own.
+fn choose_target(
     endpoints: Endpoints,
     conn: &TcpStream,
+    proxy: ProxyAddr,
     ctx: &TcpContext,
 ) -> io::Result<(Option<ClientAddr>, UpstreamAddr)> {
-    let (from, family_of, dst_port) = match endpoints {
-        Endpoints::Proxied {
-            client,
-            destination,
-        } => (Some(client), client.0.ip(), destination.0.port()),
-        Endpoints::Local => {
-            let local = conn.local_addr()?;
-            let peer = conn.peer_addr()?;
-            (None, peer.ip(), local.port())
-        }
-    };
-    let target = match family_of.to_canonical() {
-        IpAddr::V4(_) => ctx.target4,
-        IpAddr::V6(_) => ctx.target6,
-    };
-    let port = target.port.unwrap_or(dst_port);
-    Ok((from, UpstreamAddr(SocketAddr::new(target.addr, port))))
-}
-
-/// An address of the header for log lines, "local" where it names none. Formatted
-/// only when a line is written: at the default verbosity most connections log
-/// nothing, and should not pay for two strings each.
-#[derive(Clone, Copy)]
-struct Shown<A>(Option<A>);
-
-impl<A: fmt::Display> fmt::Display for Shown<A> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(a) => a.fmt(f),
-            None => f.write_str("local"),
-        }
-    }
+    ctx.targets
+        .choose(endpoints, proxy, || conn.local_addr().map(|a| a.port()))
 }
 
 /// Holds a gauge up for as long as it lives.
@@ -302,7 +147,13 @@ impl Drop for Gauge<'_> {
 mod tests {
     use super::*;
     use crate::addr::OrigDstAddr;
+    use crate::proxy_protocol;
+    use crate::tcp::ConnectOptions;
+    use crate::transparent::Targets;
+    use std::net::IpAddr;
     use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
@@ -315,15 +166,8 @@ mod tests {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = upstream.local_addr().unwrap().port();
         let ctx = Arc::new(TcpContext {
-            target4: TargetSpec {
-                addr: "127.0.0.1".parse().unwrap(),
-                port: Some(port),
-            },
-            target6: TargetSpec {
-                addr: "::1".parse().unwrap(),
-                port: Some(port),
-            },
-            upstream: UpstreamOptions {
+            targets: Targets::loopback(Some(port), Some(port)),
+            upstream: ConnectOptions {
                 mark: 0,
                 connect_timeout: Duration::from_secs(2),
             },
@@ -489,16 +333,18 @@ mod tests {
         rt.block_on(async {
             let mut w = world(Duration::from_secs(1)).await;
             let ctx = Arc::get_mut(&mut w.ctx).unwrap();
-            ctx.target4.port = None;
+            ctx.targets.v4.port = None;
             let (c, _task) = connect(&w.ctx).await;
             let proxied = |client: &str| Endpoints::Proxied {
                 client: ClientAddr(client.parse().unwrap()),
                 destination: OrigDstAddr("[2001:db8::1]:8443".parse().unwrap()),
             };
-            let (from, to) = route(proxied("[::ffff:198.51.100.9]:4000"), &c, &w.ctx).unwrap();
+            let proxy = ProxyAddr(c.peer_addr().unwrap());
+            let choose = |e| choose_target(e, &c, proxy, &w.ctx).unwrap();
+            let (from, to) = choose(proxied("[::ffff:198.51.100.9]:4000"));
             assert!(from.is_some());
             assert_eq!(to.0, "127.0.0.1:8443".parse::<SocketAddr>().unwrap());
-            let (_, to) = route(proxied("[2001:db8::9]:4000"), &c, &w.ctx).unwrap();
+            let (_, to) = choose(proxied("[2001:db8::9]:4000"));
             assert_eq!(to.0.ip(), "::1".parse::<IpAddr>().unwrap());
         });
     }

@@ -5,12 +5,14 @@
 //! packets whose tuple is registered, so nothing else on the host is touched.
 use std::collections::HashMap as StdHashMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, MapError};
-use mmproxy_common::{FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use mmproxy_common::{FlowKey, FAMILY_V4, FAMILY_V6};
+
+use crate::addr::canonical;
 
 /// How long a flow stays registered after it ended: the service's last ACK (of
 /// mmproxy's FIN) and retransmissions of its own FIN are answers too, and lost ones
@@ -40,38 +42,24 @@ impl ReturnFlow {
     pub fn key(&self) -> FlowKey {
         let client = canonical(self.client);
         let upstream = canonical(self.upstream);
-        let mut key = FlowKey {
-            src_port: upstream.port().to_be(),
-            dst_port: client.port().to_be(),
-            ..FlowKey::default()
+        let (family, client_ip, upstream_ip) = match (client.ip(), upstream.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(u)) => (FAMILY_V4, v4_octets(c), v4_octets(u)),
+            (c, u) => (FAMILY_V6, v6_octets(c), v6_octets(u)),
         };
-        match (client.ip(), upstream.ip()) {
-            (IpAddr::V4(c), IpAddr::V4(u)) => {
-                key.family = FAMILY_V4;
-                key.dst_addr[..4].copy_from_slice(&c.octets());
-                key.src_addr[..4].copy_from_slice(&u.octets());
+        let (service_port, client_port) = (upstream.port().to_be(), client.port().to_be());
+        match self.protocol {
+            FlowProtocol::Tcp => {
+                FlowKey::tcp_answer(family, upstream_ip, service_port, client_ip, client_port)
             }
-            (c, u) => {
-                key.family = FAMILY_V6;
-                key.dst_addr = v6_octets(c);
-                key.src_addr = v6_octets(u);
-            }
+            FlowProtocol::Udp => FlowKey::udp_answer(family, service_port, client_ip, client_port),
         }
-        key.protocol = match self.protocol {
-            FlowProtocol::Tcp => PROTO_TCP,
-            FlowProtocol::Udp => {
-                // Answers of a service bound to 0.0.0.0 come from any of the host's
-                // addresses: UDP flows are matched without the service's address.
-                key.src_addr = [0; 16];
-                PROTO_UDP
-            }
-        };
-        key
     }
 }
 
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
+/// An IPv4 address as the kernel's keys hold it: in the first four bytes.
+fn v4_octets(ip: Ipv4Addr) -> [u8; 16] {
+    let [a, b, c, d] = ip.octets();
+    [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
 }
 
 fn v6_octets(ip: IpAddr) -> [u8; 16] {
@@ -81,16 +69,15 @@ fn v6_octets(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// Why a flow could not be registered with the kernel.
 #[derive(Debug, thiserror::Error)]
-pub enum FlowError {
+pub enum FlowMapError {
     #[error(
         "the kernel's flow table is full ({0} flows); answers of this flow may not reach mmproxy"
     )]
     Full(u32),
-    #[error("registering the flow with the kernel: {0}")]
+    #[error("cannot register the flow in the kernel's flow table")]
     Map(#[source] MapError),
-    #[error("the flow table's lock is poisoned (a thread panicked while holding it)")]
-    Poisoned,
 }
 
 /// Where the proxies register their upstream flows. The daemon hands one to the
@@ -98,7 +85,7 @@ pub enum FlowError {
 pub trait FlowRegistry: Send + Sync + fmt::Debug {
     /// Makes the flow's answers recognisable. Call before the first packet to the
     /// upstream leaves (the SYN, the first datagram), so the first answer is caught.
-    fn add(&self, flow: &ReturnFlow) -> Result<(), FlowError>;
+    fn add(&self, flow: &ReturnFlow) -> Result<(), FlowMapError>;
     /// Undoes one `add` (possibly a little later, see [`LINGER`]).
     fn remove(&self, flow: &ReturnFlow);
 }
@@ -111,7 +98,7 @@ pub struct FlowRegistration {
 }
 
 impl FlowRegistration {
-    pub fn new(registry: &Arc<dyn FlowRegistry>, flow: ReturnFlow) -> Result<Self, FlowError> {
+    pub fn new(registry: &Arc<dyn FlowRegistry>, flow: ReturnFlow) -> Result<Self, FlowMapError> {
         registry.add(&flow)?;
         Ok(Self {
             registry: registry.clone(),
@@ -163,10 +150,14 @@ impl KernelFlows {
         })
     }
 
+    /// The map and its counts stay consistent whatever panicked while holding the
+    /// lock: each change is one insert or remove.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn release(&self, key: &FlowKey) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
+        let mut inner = self.lock();
         let Some(n) = inner.refs.get_mut(key) else {
             return;
         };
@@ -176,14 +167,17 @@ impl KernelFlows {
             // Already gone is fine; any other error leaves a stale entry that only
             // matches packets to this exact client address and port.
             if let Err(e) = inner.map.remove(key) {
-                tracing::debug!("removing a flow from the kernel's flow table: {e}");
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    "removing a flow from the kernel's flow table failed"
+                );
             }
         }
     }
 
     /// Registered keys (tests, diagnostics).
     pub fn len(&self) -> usize {
-        self.inner.lock().map(|i| i.refs.len()).unwrap_or(0)
+        self.lock().refs.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -192,9 +186,9 @@ impl KernelFlows {
 }
 
 impl FlowRegistry for Arc<KernelFlows> {
-    fn add(&self, flow: &ReturnFlow) -> Result<(), FlowError> {
+    fn add(&self, flow: &ReturnFlow) -> Result<(), FlowMapError> {
         let key = flow.key();
-        let mut inner = self.inner.lock().map_err(|_| FlowError::Poisoned)?;
+        let mut inner = self.lock();
         if let Some(n) = inner.refs.get_mut(&key) {
             *n += 1;
             return Ok(());
@@ -205,9 +199,9 @@ impl FlowRegistry for Arc<KernelFlows> {
                 Ok(())
             }
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                Err(FlowError::Full(self.capacity))
+                Err(FlowMapError::Full(self.capacity))
             }
-            Err(e) => Err(FlowError::Map(e)),
+            Err(e) => Err(FlowMapError::Map(e)),
         }
     }
 
@@ -229,6 +223,7 @@ impl FlowRegistry for Arc<KernelFlows> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mmproxy_common::{PROTO_TCP, PROTO_UDP};
 
     fn flow(p: FlowProtocol, client: &str, upstream: &str) -> ReturnFlow {
         ReturnFlow {

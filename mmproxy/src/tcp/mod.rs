@@ -1,0 +1,68 @@
+//! The TCP proxy (`-p tcp`, ARCHITECTURE.md, steps 1 to 5): [`accept`] takes
+//! connections from the balancer (after the kernel's sk_lookup policy) and checks
+//! them against the allow-list; each one runs in [`connection`]: the
+//! [`header_phase`] reads the PROXY header, [`connect`] opens the upstream
+//! connection from the client's address on the socket layer of
+//! [`crate::transparent`], and [`relay`] splices bytes both ways until both sides
+//! are done.
+pub mod accept;
+pub mod connect;
+pub mod connection;
+mod header_phase;
+pub mod relay;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cli::Args;
+use crate::ebpf::FlowRegistry;
+use crate::proxy_protocol::{self, DecodeOptions, Expect};
+use crate::stats::Stats;
+use crate::transparent::Targets;
+
+pub use accept::{bind_tcp, serve_tcp, spawn_tcp};
+pub use connect::ConnectOptions;
+pub use connection::handle;
+
+/// Everything a connection needs, shared by all connections of all TCP listeners.
+#[derive(Debug)]
+pub struct TcpContext {
+    pub targets: Targets,
+    pub upstream: ConnectOptions,
+    /// Bound on receiving the whole header, however it is split.
+    pub header_timeout: Duration,
+    /// Largest v2 header accepted; also the size of the per-connection header buffer.
+    pub max_header_len: usize,
+    pub stats: Arc<Stats>,
+    /// When the kernel side steers return traffic: every transparent upstream
+    /// connection is registered here before its SYN leaves, for as long as it lives.
+    pub flows: Option<Arc<dyn FlowRegistry>>,
+}
+
+impl TcpContext {
+    pub fn from_args(args: &Args, stats: Arc<Stats>) -> Self {
+        TcpContext {
+            targets: Targets::from_args(args),
+            upstream: ConnectOptions {
+                mark: args.mark,
+                connect_timeout: args.connect_timeout,
+            },
+            header_timeout: args.header_timeout,
+            max_header_len: args.max_header_len,
+            stats,
+            flows: None,
+        }
+    }
+
+    fn decode_options(&self) -> DecodeOptions {
+        DecodeOptions {
+            max_header_len: self.max_header_len,
+            transport: Expect::Stream,
+        }
+    }
+
+    /// The buffer must hold any acceptable header, v1 lines included.
+    fn header_buf_len(&self) -> usize {
+        self.max_header_len.max(proxy_protocol::V1_MAX_LEN)
+    }
+}

@@ -1,0 +1,576 @@
+//! The UDP listening sockets and their tasks (ARCHITECTURE.md, steps 1 to 4): receive
+//! a batch, check each proxy against the allow-list, decode the header, find or open
+//! the flow and send the payloads on, consecutive datagrams of one flow in one
+//! sendmmsg(2).
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use socket2::{Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::addr::{canonical, ProxyAddr, Shown, UpstreamAddr};
+use crate::logging::CONN_TARGET;
+use crate::proxy_protocol::{self, DecodeOptions, Decoded, Endpoints, Invalid};
+use crate::sockopt;
+use crate::stats::Stats;
+
+use super::batch::{self, Received, RecvBatch, SendBatch, MAX_DATAGRAM};
+use super::flow::{open_flow, AnswerRoute, Flow, FlowId};
+use super::flow_table::FlowTable;
+use super::limits::LogLimit;
+use super::reply_socket::{reply_for, ReplyKey, ReplySockets};
+use super::{UdpContext, ERROR_PAUSE};
+
+/// Datagrams moved per recvmmsg/sendmmsg call on a listening socket.
+const LISTENER_BATCH: usize = 32;
+/// Receive buffer asked for on listening sockets: bursts from a balancer arrive
+/// faster than flows are set up, and the 208 KiB default holds ~300 small datagrams.
+const LISTENER_RCVBUF: usize = 4 << 20;
+
+/// Opens `count` UDP sockets on `addr` (at least one), sharing it through
+/// SO_REUSEPORT when more than one; with port 0 the first socket's port is used for
+/// the rest. Each has PKTINFO and ORIGDSTADDR reception on (answers are sent from the
+/// address and port the proxy used), a larger receive buffer, and IPv6 ones are
+/// IPV6_V6ONLY.
+///
+/// SO_REUSEADDR is set so a flow whose client uses the listening port itself (NTP
+/// clients send from 123, some DNS clients from 53) can still bind its transparent
+/// socket to that port on the client's address: without it on both sockets the
+/// kernel refuses the bind as overlapping with the wildcard listener.
+pub fn bind_udp(addr: SocketAddr, count: u16) -> io::Result<Vec<std::net::UdpSocket>> {
+    sockopt::bind_group(addr, count, bind_datagram_listener)
+}
+
+fn bind_datagram_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let socket = sockopt::listening_socket(addr, Type::DGRAM, Protocol::UDP, reuse_port)?;
+    sockopt::set_recv_pktinfo(&socket, addr.is_ipv6())?;
+    sockopt::set_recv_orig_dst_addr(&socket, addr.is_ipv6())?;
+    sockopt::set_large_rcvbuf(&socket, LISTENER_RCVBUF);
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Serves one listening socket until `shutdown`: see the module docs of
+/// [`crate::udp`]. `allowed` is asked about every proxy address (IPv4-mapped ones as
+/// IPv4).
+pub async fn serve_udp<F>(
+    socket: UdpSocket,
+    ctx: Arc<UdpContext>,
+    allowed: F,
+    shutdown: CancellationToken,
+) where
+    F: Fn(IpAddr) -> bool + Send + Sync + 'static,
+{
+    let local = socket.local_addr().ok();
+    let mut listener = DatagramListener {
+        recv: RecvBatch::new(LISTENER_BATCH, MAX_DATAGRAM),
+        send: SendBatch::new(LISTENER_BATCH),
+        flows: ListenerFlows {
+            socket: Arc::new(socket),
+            local_port: local.map_or(0, |a| a.port()),
+            table: FlowTable::new(ctx.flows_per_listener),
+            replies: ReplySockets::default(),
+            log: LogLimit::default(),
+            allowed,
+            ctx,
+        },
+    };
+    let mut sweep = tokio::time::interval(listener.flows.ctx.sweep_every());
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause = Duration::ZERO;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            _ = sweep.tick() => listener.flows.sweep(),
+            ready = listener.flows.socket.readable() => {
+                if let Err(e) = ready {
+                    warn!(listen = ?local, error = &e as &dyn std::error::Error,
+                          "UDP listener stopped");
+                    break;
+                }
+                match listener.receive() {
+                    Ok(()) => {
+                        pause = Duration::ZERO;
+                        listener.relay_batch();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        pause = (pause * 2).clamp(ERROR_PAUSE, Duration::from_secs(1));
+                        let flows = &mut listener.flows;
+                        if flows.log.allow(flows.ctx.clock.now_ms()) {
+                            warn!(listen = ?local, error = &e as &dyn std::error::Error,
+                                  retry_in = ?pause, "receiving on the UDP listener failed");
+                        }
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let open = listener.flows.table.len();
+    // Dropping the flows aborts their tasks and closes their sockets.
+    listener.flows.table.drain().for_each(drop);
+    debug!(listen = ?local, flows_closed = open, "UDP listener stopped");
+}
+
+/// One listening socket's task: its batch buffers, and the rest apart from them so a
+/// batch can be relayed while the flows change.
+struct DatagramListener<F> {
+    recv: RecvBatch,
+    send: SendBatch,
+    flows: ListenerFlows<F>,
+}
+
+/// Everything a received datagram is checked against and handed to.
+struct ListenerFlows<F> {
+    socket: Arc<UdpSocket>,
+    local_port: u16,
+    table: FlowTable<FlowId, Flow>,
+    replies: ReplySockets,
+    log: LogLimit,
+    allowed: F,
+    ctx: Arc<UdpContext>,
+}
+
+/// A datagram from an allowed proxy with a valid header.
+struct Admitted<'d> {
+    /// As received, where answers go.
+    source: SocketAddr,
+    proxy: ProxyAddr,
+    endpoints: Endpoints,
+    payload: &'d [u8],
+}
+
+impl<F: Fn(IpAddr) -> bool> DatagramListener<F> {
+    /// One recvmmsg. `Ok` when datagrams arrived, WouldBlock when none were waiting.
+    fn receive(&mut self) -> io::Result<()> {
+        let fd = self.flows.socket.as_raw_fd();
+        let recv = &mut self.recv;
+        // Set only by a receive that got datagrams, so a batch is never relayed twice
+        // whatever try_io returns.
+        let mut fresh = false;
+        let received = self.flows.socket.try_io(Interest::READABLE, || {
+            recv.recv(fd)?;
+            fresh = true;
+            // WouldBlock clears tokio's readiness (only if no newer event arrived
+            // meanwhile), sparing the EAGAIN call.
+            if recv.drained() {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        match received {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && fresh => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Handles every datagram of the last receive: consecutive datagrams for one flow
+    /// leave in one sendmmsg.
+    fn relay_batch(&mut self) {
+        let DatagramListener { recv, send, flows } = self;
+        let now = flows.ctx.clock.now_ms();
+        Stats::add(&flows.ctx.stats.udp_datagrams, recv.len() as u64);
+        let mut out = ToUpstream {
+            out: send.start(),
+            fd: None,
+        };
+        for d in (0..recv.len()).map_while(|i| recv.get(i)) {
+            if let Some((fd, target, payload)) = flows.dispatch(&d, &mut out, now) {
+                out.push(fd, target, payload, &flows.ctx.stats, &mut flows.log, now);
+            }
+        }
+        out.flush(&flows.ctx.stats, &mut flows.log, now);
+    }
+}
+
+impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
+    /// Where a received datagram's payload goes: its flow's socket (opened if new) and
+    /// target. `None` when it is dropped (counted and logged).
+    fn dispatch<'d>(
+        &mut self,
+        d: &Received<'d>,
+        out: &mut ToUpstream<'_, '_>,
+        now: u64,
+    ) -> Option<(RawFd, UpstreamAddr, &'d [u8])> {
+        let admitted = self.admit(d, now)?;
+        // LOCAL without a target port goes to the port the proxy sent to.
+        let sent_to_port = d.orig_dst.map_or(self.local_port, |a| a.port());
+        let Ok((client, target)) =
+            self.ctx
+                .targets
+                .choose(admitted.endpoints, admitted.proxy, || {
+                    Ok::<_, Infallible>(sent_to_port)
+                });
+        let id = FlowId {
+            proxy: admitted.proxy,
+            client,
+        };
+        let reply_key = ReplyKey {
+            local: d.local,
+            orig_dst: d.orig_dst,
+        };
+        let fd = self.flow_fd(id, target, admitted.source, reply_key, out, now)?;
+        Some((fd, target, admitted.payload))
+    }
+
+    /// The datagram's proxy and header, or `None` (counted and logged) when it is not
+    /// to be relayed.
+    fn admit<'d>(&mut self, d: &Received<'d>, now: u64) -> Option<Admitted<'d>> {
+        let stats = &*self.ctx.stats;
+        let Some(source) = d.source else {
+            Stats::inc(&stats.udp_dropped_invalid);
+            return None;
+        };
+        let proxy = ProxyAddr(canonical(source));
+        if !(self.allowed)(proxy.0.ip()) {
+            Stats::inc(&stats.rejected_not_allowed);
+            if self.log.allow(now) {
+                warn!(target: CONN_TARGET, peer = %proxy, reason = "not_allowed",
+                      "datagram from outside --allowed-subnets dropped");
+            }
+            return None;
+        }
+        match decode_datagram(d, &self.ctx.decode_options()) {
+            Ok((endpoints, payload)) => Some(Admitted {
+                source,
+                proxy,
+                endpoints,
+                payload,
+            }),
+            Err(why) => {
+                Stats::inc(&stats.udp_dropped_invalid);
+                if self.log.allow(now) {
+                    warn!(target: CONN_TARGET, peer = %proxy, reason = why.kind(),
+                          error = &why as &dyn std::error::Error, "invalid datagram dropped");
+                }
+                None
+            }
+        }
+    }
+
+    /// The upstream socket of the datagram's flow, opened if new (`None` when that
+    /// failed: counted and logged). A new flow may evict another, whose socket `out`
+    /// could be holding datagrams for: `out` is flushed first.
+    fn flow_fd(
+        &mut self,
+        id: FlowId,
+        target: UpstreamAddr,
+        source: SocketAddr,
+        reply_key: ReplyKey,
+        out: &mut ToUpstream<'_, '_>,
+        now: u64,
+    ) -> Option<RawFd> {
+        if let Some(flow) = self.table.get_mut(&id, now) {
+            follow_latest_datagram(
+                flow,
+                target,
+                reply_key,
+                self.local_port,
+                &mut self.replies,
+                &mut self.log,
+                now,
+            );
+            return Some(flow.fd);
+        }
+        out.flush(&self.ctx.stats, &mut self.log, now);
+        let reply = reply_for(
+            reply_key,
+            self.local_port,
+            &mut self.replies,
+            &mut self.log,
+            now,
+        );
+        let back = AnswerRoute {
+            proxy: source,
+            reply,
+            reply_key,
+        };
+        let stats = &*self.ctx.stats;
+        let flow = match open_flow(
+            id,
+            target,
+            back,
+            &self.socket,
+            &self.ctx,
+            &mut self.log,
+            now,
+        ) {
+            Ok(flow) => flow,
+            Err(e) => {
+                Stats::inc(&stats.udp_upstream_errors);
+                if self.log.allow(now) {
+                    warn!(target: CONN_TARGET, peer = %id.proxy, upstream = %target,
+                          reason = e.kind(), error = &e as &dyn std::error::Error,
+                          "cannot open UDP flow, datagram dropped");
+                }
+                return None;
+            }
+        };
+        let fd = flow.fd;
+        Stats::inc(&stats.udp_flows_created);
+        debug!(target: CONN_TARGET, peer = %id.proxy, client = %Shown(id.client),
+               upstream = %target, "UDP flow created");
+        if let Some((old, _flow)) = self.table.insert(id, flow, now) {
+            Stats::inc(&stats.udp_flows_evicted);
+            if self.log.allow(now) {
+                warn!(target: CONN_TARGET, peer = %old.proxy, client = %Shown(old.client),
+                      reason = "flow_table_full", limit = self.table.capacity(),
+                      "least recently used UDP flow evicted (raise --max-flows?)");
+            }
+        }
+        Some(fd)
+    }
+
+    /// Closes flows idle in both directions for `--close-after`.
+    fn sweep(&mut self) {
+        let now = self.ctx.clock.now_ms();
+        let stats = &*self.ctx.stats;
+        let idle = self.ctx.idle_ms();
+        self.table.expire(
+            now,
+            idle,
+            |flow| flow.shared.last_answer.load(Ordering::Relaxed),
+            |id, flow| {
+                Stats::inc(&stats.udp_flows_expired);
+                debug!(target: CONN_TARGET, peer = %id.proxy, client = %Shown(id.client),
+                       "UDP flow closed after {:?} idle", Duration::from_millis(idle));
+                drop(flow);
+            },
+        );
+        self.replies.forget_closed();
+        self.log.summarise(now);
+    }
+}
+
+/// The header and payload of a received datagram.
+fn decode_datagram<'d>(
+    d: &Received<'d>,
+    opts: &DecodeOptions,
+) -> Result<(Endpoints, &'d [u8]), Dropped> {
+    if d.truncated {
+        return Err(Dropped::Oversized);
+    }
+    match proxy_protocol::decode(d.data, opts) {
+        Ok(Decoded::Complete { header, len }) => {
+            Ok((header.endpoints(), d.data.get(len..).unwrap_or_default()))
+        }
+        Ok(Decoded::NeedMore { .. }) => Err(Dropped::Truncated(d.data.len())),
+        Err(e) => Err(Dropped::Invalid(e)),
+    }
+}
+
+/// An existing flow follows its latest datagram: the target port (when it comes from
+/// the header) and where answers leave from.
+fn follow_latest_datagram(
+    flow: &mut Flow,
+    target: UpstreamAddr,
+    reply_key: ReplyKey,
+    listening_port: u16,
+    replies: &mut ReplySockets,
+    log: &mut LogLimit,
+    now: u64,
+) {
+    let port = target.0.port();
+    if flow.shared.target_port.load(Ordering::Relaxed) != port {
+        flow.shared.target_port.store(port, Ordering::Relaxed);
+    }
+    if flow.reply_key == reply_key {
+        return;
+    }
+    let reply = reply_for(reply_key, listening_port, replies, log, now);
+    let old = std::mem::replace(
+        &mut *flow
+            .shared
+            .reply
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+        reply,
+    );
+    // The old reply socket (if this was its last flow) closes outside the lock.
+    drop(old);
+    flow.reply_key = reply_key;
+}
+
+/// Payloads waiting to leave through one flow's socket. The descriptor is valid
+/// while that flow is in the table, which is why this is flushed before anything is
+/// inserted.
+struct ToUpstream<'b, 'd> {
+    out: batch::Outgoing<'b, 'd>,
+    fd: Option<RawFd>,
+}
+
+impl<'d> ToUpstream<'_, 'd> {
+    fn push(
+        &mut self,
+        fd: RawFd,
+        target: UpstreamAddr,
+        payload: &'d [u8],
+        stats: &Stats,
+        log: &mut LogLimit,
+        now: u64,
+    ) {
+        if self.fd != Some(fd) || self.out.is_full() {
+            self.flush(stats, log, now);
+            self.fd = Some(fd);
+        }
+        self.out.push(target.0, None, payload);
+    }
+
+    /// Sends what is held, counting what the kernel refused.
+    fn flush(&mut self, stats: &Stats, log: &mut LogLimit, now: u64) {
+        let Some(fd) = self.fd.filter(|_| !self.out.is_empty()) else {
+            return;
+        };
+        let sent = self.out.flush(fd);
+        if sent.failed > 0 {
+            Stats::add(&stats.udp_upstream_errors, sent.failed as u64);
+            if let Some(e) = sent.error {
+                if log.allow(now) {
+                    warn!(target: CONN_TARGET, dropped = sent.failed,
+                          error = &e as &dyn std::error::Error,
+                          "sending datagrams to the upstream failed");
+                }
+            }
+        }
+    }
+}
+
+/// Why a datagram was dropped before reaching a flow.
+#[derive(Debug, thiserror::Error)]
+enum Dropped {
+    #[error(transparent)]
+    Invalid(Invalid),
+    #[error("datagram of {0} bytes ends inside its PROXY header")]
+    Truncated(usize),
+    #[error("datagram larger than the receive buffer")]
+    Oversized,
+}
+
+impl Dropped {
+    fn kind(&self) -> &'static str {
+        match self {
+            Dropped::Invalid(e) => e.kind(),
+            Dropped::Truncated(_) => "truncated",
+            Dropped::Oversized => "oversized",
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+mod tests {
+    use super::*;
+    use crate::proxy_protocol::V2Builder;
+    use crate::transparent::Targets;
+    use std::time::Instant;
+
+    fn ctx(port: u16) -> UdpContext {
+        UdpContext {
+            targets: Targets::loopback(Some(port), Some(port)),
+            mark: 0,
+            idle: Duration::from_secs(1),
+            flows_per_listener: 4,
+            max_header_len: proxy_protocol::DEFAULT_MAX_HEADER_LEN,
+            stats: Arc::new(Stats::default()),
+            flows: None,
+            clock: super::super::Clock::new(),
+        }
+    }
+
+    /// The whole listener path without privileges: LOCAL datagrams (no transparent
+    /// socket needed) relayed to an echo service on loopback and answered from the
+    /// address the proxy sent to; malformed ones dropped and counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_datagrams_are_relayed_and_answered_and_garbage_is_counted() {
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let mut answer = from.to_string().into_bytes();
+                answer.push(b'|');
+                answer.extend_from_slice(&buf[..n]);
+                let _ = echo.send_to(&answer, from);
+            }
+        });
+        let ctx = Arc::new(ctx(echo_port));
+        let mut sockets = bind_udp("0.0.0.0:0".parse().unwrap(), 1).unwrap();
+        let listen = sockets[0].local_addr().unwrap();
+        let socket = UdpSocket::from_std(sockets.remove(0)).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve_udp(socket, ctx.clone(), |_| true, shutdown.clone()));
+
+        let proxy = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // Sent to 127.0.0.3: the answer must come from there, not from 127.0.0.1.
+        let to = SocketAddr::new("127.0.0.3".parse().unwrap(), listen.port());
+        for bad in [
+            &b""[..],
+            b"PROXY TCP4 198.51.100.1 192.0.2.2 1 2\r\nhi",
+            b"garbage",
+            &V2Builder::proxy(
+                "198.51.100.1:1".parse().unwrap(),
+                "192.0.2.2:2".parse().unwrap(),
+            )
+            .build()
+            .unwrap(),
+        ] {
+            proxy.send_to(bad, to).await.unwrap();
+        }
+        let mut dgram = V2Builder::local().build().unwrap();
+        dgram.extend_from_slice(b"ping");
+        proxy.send_to(&dgram, to).await.unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), proxy.recv_from(&mut buf))
+            .await
+            .expect("answer")
+            .unwrap();
+        assert_eq!(from, to, "answered from the address the proxy used");
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        assert!(text.ends_with("|ping"), "{text}");
+        assert!(
+            text.starts_with("127.0.0.1:"),
+            "LOCAL comes from the host: {text}"
+        );
+
+        // A second LOCAL datagram from the same proxy reuses its flow.
+        proxy.send_to(&dgram, to).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), proxy.recv_from(&mut buf))
+            .await
+            .expect("second answer")
+            .unwrap();
+        let s = &ctx.stats;
+        assert_eq!(s.udp_dropped_invalid.load(Ordering::Relaxed), 4);
+        assert_eq!(s.udp_flows_created.load(Ordering::Relaxed), 1);
+        assert_eq!(s.udp_replies.load(Ordering::Relaxed), 2);
+        assert_eq!(s.udp_datagrams.load(Ordering::Relaxed), 6);
+
+        // Idle: the sweep closes the flow within 2 × close-after.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.udp_flows_expired.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "flow never expired");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(s.udp_flows_active.load(Ordering::Relaxed), 0);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
