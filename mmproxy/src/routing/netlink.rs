@@ -18,25 +18,30 @@ use super::plan::{Family, Item, RouteSpec, RuleSpec, Selector};
 use super::{RoutingError, LOOPBACK, RT_PROTOCOL};
 
 pub(super) fn rule_table(msg: &RuleMessage) -> u32 {
-    // The kernel always sends FRA_TABLE in dumps; the header byte is the
-    // fallback for tables below 256.
-    msg.attributes
-        .iter()
-        .find_map(|a| match a {
-            RuleAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(msg.header.table))
+    let attribute = msg.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Table(t) => Some(*t),
+        _ => None,
+    });
+    table(attribute, msg.header.table)
 }
 
 pub(super) fn route_table(msg: &RouteMessage) -> u32 {
-    msg.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(msg.header.table))
+    let attribute = msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Table(t) => Some(*t),
+        _ => None,
+    });
+    table(attribute, msg.header.table)
+}
+
+/// The kernel always sends the table attribute in dumps; the header byte is the
+/// fallback for tables below 256.
+fn table(attribute: Option<u32>, header: u8) -> u32 {
+    attribute.unwrap_or(u32::from(header))
+}
+
+/// The header byte for `table`: itself below 256, else "see the attribute".
+fn header_table(table: u32) -> u8 {
+    u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC)
 }
 
 pub(super) fn rule_is_ours(msg: &RuleMessage) -> bool {
@@ -137,11 +142,7 @@ pub(super) fn rule_message(spec: &RuleSpec) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = spec.family.af();
     m.header.action = RuleAction::ToTable;
-    if spec.table < 256 {
-        m.header.table = spec.table as u8;
-    } else {
-        m.header.table = RouteHeader::RT_TABLE_UNSPEC;
-    }
+    m.header.table = header_table(spec.table);
     m.attributes.push(RuleAttribute::Table(spec.table));
     match spec.selector {
         Selector::FromLoopback => {
@@ -170,11 +171,7 @@ pub(super) fn route_message(spec: &RouteSpec, lo_index: u32) -> RouteMessage {
     let mut m = builder;
     m.header.kind = RouteType::Local;
     m.header.protocol = RouteProtocol::from(RT_PROTOCOL);
-    if spec.table < 256 {
-        m.header.table = spec.table as u8;
-    } else {
-        m.header.table = RouteHeader::RT_TABLE_UNSPEC;
-    }
+    m.header.table = header_table(spec.table);
     m.attributes.push(RouteAttribute::Table(spec.table));
     m.attributes.push(RouteAttribute::Oif(lo_index));
     m

@@ -78,7 +78,7 @@ fn spec(family: Family, selector: Selector) -> RuleSpec {
     }
 }
 
-/// The rule go-mmproxy's README has the operator type, as the kernel
+/// The rule go-mmproxy's documented setup has the operator type, as the kernel
 /// dumps it: default protocol, address as written, kernel-chosen priority.
 fn go_mmproxy_rule(src: &str, len: u8, table: u32) -> RuleMessage {
     let ip: IpAddr = src.parse().unwrap();
@@ -378,7 +378,7 @@ mod netns {
     }
 
     async fn add_go_mmproxy_rules(h: &Handle, lo: u32) {
-        // What the go-mmproxy README has the operator type, proto boot.
+        // What go-mmproxy's documented setup has the operator type, proto boot.
         let mut r4 = rule_message(&RuleSpec {
             family: Family::V4,
             selector: Selector::FromLoopback,
