@@ -10,7 +10,7 @@
 //! | an IPv6 target on loopback | `from ::1/128 iif lo lookup T` | `local ::/0 dev lo` |
 //! | kernel-side steering (tc marks answers) | `fwmark M lookup T`, both families | the same `local` routes |
 //!
-//! These are exactly go-mmproxy's documented commands; see [`install`].
+//! These are exactly go-mmproxy's documented commands; see [`install()`].
 //!
 //! # Idempotence and who removes what
 //! Existing rules and routes are matched by what they select (family, `from`,
@@ -43,8 +43,8 @@
 //! rule first.
 //!
 //! # Layout
-//! [`plan`] says what is needed, [`netlink`] what the kernel has and how to
-//! change it (one code path for rules and routes), [`install`] puts the two
+//! `plan.rs` says what is needed, `netlink.rs` what the kernel has and how to
+//! change it (one code path for rules and routes), `install.rs` puts the two
 //! together and takes it all away again at exit.
 mod install;
 mod netlink;
