@@ -42,7 +42,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let steering = kernel
         .as_ref()
-        .and_then(|k| k.lock().ok())
+        .map(lock)
         .filter(|k| k.return_steering())
         .map(|k| k.flows());
 
@@ -75,13 +75,7 @@ pub async fn run(args: Args) -> Result<()> {
         // Whenever the kernel side is loaded, not only when tc steers: sk_lookup also
         // consults the flow table, so that an answer to a client port inside a
         // wildcard listen range is not taken for a proxy's datagram.
-        Bound::Udp(groups) => serving.udp(
-            groups,
-            kernel
-                .as_ref()
-                .and_then(|k| k.lock().ok())
-                .map(|k| k.flows()),
-        )?,
+        Bound::Udp(groups) => serving.udp(groups, kernel.as_ref().map(lock).map(|k| k.flows()))?,
     };
     info!(
         listen = %listening.join(","),
@@ -101,7 +95,10 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(routes) = routes {
         match routes.remove().await {
             Ok(report) => info!("return-path routing: {report}"),
-            Err(e) => error!("removing return-path routing: {e}"),
+            Err(e) => error!(
+                error = &e as &dyn std::error::Error,
+                "return-path routing not fully removed"
+            ),
         }
     }
     drop(kernel);
@@ -221,6 +218,14 @@ fn shown(addr: std::io::Result<SocketAddr>) -> String {
 
 type Kernel = Arc<std::sync::Mutex<KernelSide>>;
 
+/// The kernel side, even after a panic while it was locked: a panic elsewhere does
+/// not make the attached programs and maps go away, so "poisoned" is not "absent".
+fn lock(kernel: &Kernel) -> std::sync::MutexGuard<'_, KernelSide> {
+    kernel
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Loads and attaches the kernel side, or explains why not. `sockets[i]` are the
 /// listening sockets (TCP or UDP) of `args.listen[i]`; for a port range the first
 /// one is put in the SOCKMAP the sk_lookup program steers the whole range to. With
@@ -272,8 +277,8 @@ async fn start_kernel_side<S: std::os::fd::AsRawFd>(
     };
     match KernelSide::load(&opts) {
         Ok(mut kernel) => {
-            for (i, group) in sockets.iter().enumerate() {
-                if let (true, Some(first)) = (args.listen[i].is_range(), group.first()) {
+            for (i, (spec, group)) in args.listen.iter().zip(sockets).enumerate() {
+                if let (true, Some(first)) = (spec.is_range(), group.first()) {
                     kernel.register_listener(i as u32, first)?;
                 }
             }
@@ -293,15 +298,16 @@ async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         }
         Err(e) if args.ebpf == EbpfMode::Auto && !needs_kernel => {
             warn!(
-                "kernel side unavailable ({}; {}); allowed subnets are enforced in userspace only \
-                 and return traffic is routed only for loopback targets",
-                e.full(),
-                e.hint()
+                error = &e as &dyn std::error::Error,
+                hint = e.hint(),
+                "kernel side unavailable: allowed subnets are enforced in userspace only \
+                 and return traffic is routed only for loopback targets"
             );
             Ok(None)
         }
         Err(e) => {
-            Err(anyhow::anyhow!("{}; {}", e.full(), e.hint())).context("loading the kernel side")
+            let hint = e.hint();
+            Err(anyhow::Error::new(e).context(format!("loading the kernel side ({hint})")))
         }
     }
 }
@@ -369,20 +375,19 @@ fn reload(args: &Args, allowed: &SharedAllowList, kernel: Option<&Kernel>) {
             if let Some(kernel) = kernel {
                 let current = allowed.current();
                 let (v4, v6) = split_nets(current.as_deref());
-                let result = match kernel.lock() {
-                    Ok(mut k) => k.set_allowed(Some((&v4, &v6))),
-                    Err(_) => return error!("SIGHUP: kernel side state poisoned"),
-                };
-                if let Err(e) = result {
+                if let Err(e) = lock(kernel).set_allowed(Some((&v4, &v6))) {
                     error!(
-                        "SIGHUP: updating the kernel's allowed subnets failed: {}",
-                        e.full()
+                        error = &e as &dyn std::error::Error,
+                        "SIGHUP: updating the kernel's allowed subnets failed"
                     );
                 }
             }
             info!("SIGHUP: reloaded {} ({n} subnets)", path.display());
         }
-        Err(e) => error!("SIGHUP: keeping the previous allowed subnets: {e}"),
+        Err(e) => error!(
+            error = &e as &dyn std::error::Error,
+            "SIGHUP: keeping the previous allowed subnets"
+        ),
     }
 }
 
@@ -407,8 +412,8 @@ fn spawn_stats_line(
 /// Userspace and kernel counters, `name=value`, zeros left out.
 fn stats_line(stats: &Stats, kernel: Option<&Kernel>) -> String {
     let mut line = stats.render();
-    if let Some(Ok(k)) = kernel.map(|k| k.lock()) {
-        for (name, v) in k.counters() {
+    if let Some(k) = kernel {
+        for (name, v) in lock(k).counters() {
             if v != 0 {
                 line.push_str(&format!(" {name}={v}"));
             }

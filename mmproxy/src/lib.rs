@@ -13,6 +13,7 @@ pub mod cli;
 pub mod daemon;
 pub mod ebpf;
 pub mod logging;
+pub mod netns_lease;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod sockopt;

@@ -275,14 +275,13 @@ impl Visit for JsonVisitor<'_> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         if self.key(field) {
-            // Display, with the chain of causes: that is what an operator reads.
-            let mut s = value.to_string();
-            let mut src = value.source();
-            while let Some(e) = src {
-                let _ = write!(s, ": {e}");
-                src = e.source();
-            }
-            json_str(self.out, &s);
+            // The one place a logged error's chain is written out for JSON (the
+            // text format shows it as `error.sources`): the error, then its causes,
+            // as anyhow's `{:#}` prints them.
+            let chain: Vec<String> = std::iter::successors(Some(value), |e| e.source())
+                .map(|e| e.to_string())
+                .collect();
+            json_str(self.out, &chain.join(": "));
         }
     }
 

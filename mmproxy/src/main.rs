@@ -15,7 +15,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "cannot start the runtime"
+            );
             return ExitCode::FAILURE;
         }
     };

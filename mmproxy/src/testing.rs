@@ -50,7 +50,7 @@ where
                 io::Error::last_os_error()
             ));
         }
-        let own_ns = crate::routing::netns_id().map_err(|e| e.to_string())?;
+        let own_ns = crate::netns_lease::netns_id().map_err(|e| e.to_string())?;
         // Never let anything below run in the host's namespace.
         assert_ne!(
             own_ns, host_ns,

@@ -25,9 +25,9 @@ const MAIN_TABLE: u32 = 254;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
-    #[error("cannot open a netlink socket: {0}")]
+    #[error("cannot open a netlink socket")]
     Socket(#[source] std::io::Error),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Netlink {
         what: &'static str,
         #[source]

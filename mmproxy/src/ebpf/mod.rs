@@ -42,32 +42,32 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mm
 pub enum EbpfError {
     #[error("this mmproxy was built without its BPF object (build it with `cargo xtask build`)")]
     NoObject,
-    #[error("loading the BPF object: {0}")]
+    #[error("loading the BPF object")]
     Load(#[source] Box<AyaError>),
     #[error("the BPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
         name: &'static str,
     },
-    #[error("loading or attaching program {program}: {source}")]
+    #[error("loading or attaching program {program}")]
     Program {
         program: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("BPF map {map}: {source}")]
+    #[error("BPF map {map}")]
     Map {
         map: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("opening this process's network namespace: {0}")]
+    #[error("opening this process's network namespace")]
     Netns(#[source] std::io::Error),
     #[error("{given} listen rules, the kernel side holds at most {max}")]
     TooManyRules { given: usize, max: usize },
     #[error("{given} allowed subnets, the kernel side holds at most {max}")]
     TooManySubnets { given: usize, max: usize },
-    #[error("attaching {program} to {iface} ({direction}): {source}")]
+    #[error("attaching {program} to {iface} ({direction})")]
     Attach {
         program: &'static str,
         iface: String,
@@ -76,7 +76,7 @@ pub enum EbpfError {
         source: Box<ProgramError>,
     },
     #[error(
-        "setting net.ipv4.conf.lo.accept_local (answers redirected into lo carry a local source address): {0}"
+        "setting net.ipv4.conf.lo.accept_local (answers redirected into lo carry a local source address)"
     )]
     Sysctl(#[source] std::io::Error),
     #[error("no interface lo in this network namespace")]
@@ -99,7 +99,7 @@ impl EbpfError {
         if errnos.any(|n| n == libc::EPERM) {
             "needs CAP_BPF and CAP_NET_ADMIN (or root)"
         } else if matches!(self, EbpfError::Program { .. })
-            && self.full().contains("Verifier output")
+            && causes(self).any(|e| e.to_string().contains("Verifier output"))
         {
             "the kernel's verifier rejected the program (see the verifier output above)"
         } else if matches!(self, EbpfError::Attach { .. }) {
@@ -108,24 +108,17 @@ impl EbpfError {
             "needs Linux >= 5.9 with BPF sk_lookup support"
         }
     }
+}
 
-    /// The error with all its causes, for a log line (aya's syscall errors keep the
-    /// OS error in the cause, not in their own text).
-    pub fn full(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(e) = source {
-            text.push_str(": ");
-            text.push_str(&e.to_string());
-            source = e.source();
-        }
-        text
-    }
+/// The causes of `e`, for telling which hint fits (aya's syscall errors keep the OS
+/// error in a cause, not in their own text). Printing the chain is the top level's
+/// job.
+fn causes(e: &EbpfError) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(std::error::Error::source(e), |e| e.source())
 }
 
 fn os_errors(e: &EbpfError) -> impl Iterator<Item = &std::io::Error> {
-    std::iter::successors(std::error::Error::source(e), |e| e.source())
-        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+    causes(e).filter_map(|e| e.downcast_ref::<std::io::Error>())
 }
 
 /// What the daemon asks of the kernel side.
@@ -181,7 +174,10 @@ impl KernelSide {
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(spawn_log_forwarder(logger)),
             Err(e) => {
-                tracing::debug!("kernel-side log forwarding unavailable: {e}");
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    "kernel-side log forwarding unavailable"
+                );
                 None
             }
         };
@@ -389,7 +385,10 @@ impl Drop for KernelSide {
         }
         if let Some(setting) = self.accept_local.take() {
             if let Err(e) = setting.release() {
-                tracing::warn!("restoring net.ipv4.conf.lo.accept_local: {e}");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "restoring net.ipv4.conf.lo.accept_local"
+                );
             }
         }
     }
@@ -441,7 +440,10 @@ fn spawn_log_forwarder(
         let mut fd = match registered {
             Ok(fd) => fd,
             Err(e) => {
-                tracing::debug!("kernel-side log forwarding unavailable: {e}");
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    "kernel-side log forwarding unavailable"
+                );
                 return;
             }
         };

@@ -5,19 +5,17 @@
 //!
 //! Several mmproxy processes may share a namespace (a TCP and a UDP instance), and
 //! one may be SIGKILLed. So the original value is kept in a per-namespace file in
-//! the routing lock directory, written by the first instance that changes the
-//! setting; every running instance holds a shared `flock` on it; at exit an instance
-//! that gets the lock exclusively is the last one and restores the recorded value.
-//! A killed instance's lock goes with it, so the next clean exit restores too. The
-//! record carries the namespace's cookie: a file left by a namespace that is gone,
-//! whose inode number a new one reuses, is not taken for this namespace's.
-use std::fs::{File, OpenOptions};
+//! the lock directory, written by the first instance that changes the setting;
+//! every running instance holds a shared lease ([`crate::netns_lease`]) on it; at
+//! exit an instance that gets the lock exclusively is the last one and restores
+//! the recorded value. A killed instance's lock goes with it, so the next clean
+//! exit restores too. The record carries the namespace's cookie: a file left by a
+//! namespace that is gone, whose inode number a new one reuses, is not taken for
+//! this namespace's.
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::routing::DEFAULT_LOCK_DIR;
+use crate::netns_lease::{netns_cookie, LeaseFile, Lock, NetnsDir, DEFAULT_LOCK_DIR};
 
 const ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
 
@@ -34,8 +32,8 @@ pub struct AcceptLocal {
 /// always locked in this order: mutex, then record.
 #[derive(Debug)]
 struct Files {
-    record: File,
-    mutex: File,
+    record: LeaseFile,
+    mutex: LeaseFile,
 }
 
 impl AcceptLocal {
@@ -45,7 +43,8 @@ impl AcceptLocal {
             Ok(s) => Ok(s),
             Err(e) if e.kind() != io::ErrorKind::PermissionDenied => {
                 tracing::warn!(
-                    "cannot record {ACCEPT_LOCAL} in {DEFAULT_LOCK_DIR} ({e}): \
+                    error = &e as &dyn std::error::Error,
+                    "cannot record {ACCEPT_LOCAL} in {DEFAULT_LOCK_DIR}: \
                      it is turned on and left on at exit"
                 );
                 if std::fs::read_to_string(ACCEPT_LOCAL)?.trim() != "1" {
@@ -58,42 +57,32 @@ impl AcceptLocal {
     }
 
     fn enable_in(dir: &Path) -> io::Result<Self> {
-        let ns = std::fs::metadata("/proc/thread-self/ns/net")
-            .or_else(|_| std::fs::metadata("/proc/self/ns/net"))?
-            .ino();
-        std::fs::create_dir_all(dir)?;
-        let open = |name: String| {
-            OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(dir.join(name))
-        };
-        let mutex = open(format!("accept-local-netns-{ns}.lock"))?;
-        let mut record = open(format!("accept-local-netns-{ns}"))?;
-        flock(&mutex, libc::LOCK_EX)?;
+        let dir = NetnsDir::open(dir)?;
+        let mutex = dir.file("accept-local", ".lock")?;
+        let mut record = dir.file("accept-local", "")?;
+        mutex.lock(Lock::Exclusive)?;
         // Immediate: an exiting instance takes the record exclusively only while it
         // holds the mutex, which is ours now.
-        flock(&record, libc::LOCK_SH)?;
+        record.lock(Lock::Shared)?;
         let mut recorded = String::new();
-        record.read_to_string(&mut recorded)?;
+        record.file().read_to_string(&mut recorded)?;
         let cookie = netns_cookie();
         let current = std::fs::read_to_string(ACCEPT_LOCAL)?;
         if recorded_value(&recorded, cookie).is_none() {
             // No record of this namespace's (a stale one of a namespace that is
             // gone is dropped): the current value is the operator's.
-            record.rewind()?;
-            record.set_len(0)?;
+            let file = record.file();
+            file.rewind()?;
+            file.set_len(0)?;
             if current.trim() != "1" {
-                write!(record, "{cookie} {}", current.trim())?;
-                record.sync_data()?;
+                write!(file, "{cookie} {}", current.trim())?;
+                file.sync_data()?;
             }
         }
         if current.trim() != "1" {
             std::fs::write(ACCEPT_LOCAL, "1")?;
         }
-        flock(&mutex, libc::LOCK_UN)?;
+        mutex.unlock()?;
         Ok(Self {
             files: Some(Files { record, mutex }),
         })
@@ -104,18 +93,17 @@ impl AcceptLocal {
         let Some(Files { mut record, mutex }) = self.files else {
             return Ok(());
         };
-        flock(&mutex, libc::LOCK_EX)?;
-        // Converting our shared lock to exclusive succeeds only if nobody else
-        // holds one: then this is the last instance.
-        if flock(&record, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+        mutex.lock(Lock::Exclusive)?;
+        if !record.is_last() {
             return Ok(());
         }
         let mut recorded = String::new();
-        record.rewind()?;
-        record.read_to_string(&mut recorded)?;
+        let file = record.file();
+        file.rewind()?;
+        file.read_to_string(&mut recorded)?;
         if let Some(value) = recorded_value(&recorded, netns_cookie()) {
             std::fs::write(ACCEPT_LOCAL, value)?;
-            record.set_len(0)?;
+            file.set_len(0)?;
         }
         Ok(())
     }
@@ -125,39 +113,6 @@ impl AcceptLocal {
 fn recorded_value(record: &str, cookie: u64) -> Option<&str> {
     let (c, value) = record.trim().split_once(' ')?;
     (c.parse::<u64>().ok()? == cookie && !value.is_empty()).then_some(value)
-}
-
-/// The network namespace's cookie (unique until reboot; Linux >= 5.14), 0 if unknown.
-fn netns_cookie() -> u64 {
-    let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else {
-        return 0;
-    };
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the pointer and length describe a live u64 for the whole call.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        cookie
-    } else {
-        0
-    }
-}
-
-fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
-    // SAFETY: flock on a descriptor the File owns; no memory is passed.
-    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]
