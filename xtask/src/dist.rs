@@ -93,10 +93,18 @@ pub fn check(deb: &Path) -> Result<()> {
         .args(["--fail-on", "error", "--tag-display-limit", "0"])
         .arg(deb))?;
 
+    // A scratch root for the checks: the host's own units first (the targets the
+    // package's units are ordered against; no systemd runs here to provide them),
+    // then the package's files over them.
     let tree = dir().join("check");
     if tree.exists() {
         fs::remove_dir_all(&tree)?;
     }
+    let units = tree.join("lib/systemd/system");
+    fs::create_dir_all(&units)?;
+    run(Command::new("cp")
+        .args(["-a", "/lib/systemd/system/."])
+        .arg(&units))?;
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tree))?;
 
     step("the packaged binary runs (--version)");
@@ -107,14 +115,8 @@ pub fn check(deb: &Path) -> Result<()> {
     }
 
     step("systemd-analyze verify on the packaged units");
-    // No systemd runs here: verify loads the units from a scratch root holding the
-    // package's files over the host's own units (the targets they are ordered
-    // against) and /bin/kill (ExecReload=). A template verifies through an
-    // instance, whose env file is the packaged example.
-    let units = tree.join("lib/systemd/system");
-    run(Command::new("cp")
-        .args(["-a", "--no-clobber", "/lib/systemd/system/."])
-        .arg(&units))?;
+    // verify checks that ExecReload='s /bin/kill exists in the root. A template
+    // verifies through an instance, whose env file is the packaged example.
     fs::create_dir_all(tree.join("bin"))?;
     fs::copy("/bin/kill", tree.join("bin/kill")).context("copying /bin/kill")?;
     fs::copy(
