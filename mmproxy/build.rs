@@ -1,7 +1,11 @@
 //! Embeds the BPF object that `cargo xtask build` produced, so the daemon ships as one
 //! binary. A plain `cargo build` without it still works: the daemon then runs
 //! userspace-only and says so at start-up.
-use std::path::PathBuf;
+//!
+//! Also composes the `--version` line: the package version, the git commit it was
+//! built from and whether the BPF object is embedded.
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::{env, fs};
 
 fn main() {
@@ -19,10 +23,60 @@ fn main() {
     if !bytes.is_empty() {
         println!("cargo::rustc-cfg=mmproxy_bpf_object");
     }
+    let bpf = if bytes.is_empty() {
+        "BPF object not embedded: userspace only"
+    } else {
+        "BPF object embedded"
+    };
+    println!(
+        "cargo::rustc-env=MMPROXY_VERSION={} (commit {}, {bpf})",
+        env::var("CARGO_PKG_VERSION").unwrap_or_default(),
+        git_commit(&manifest)
+    );
     // Only rewrite when different, so an unchanged object does not relink the daemon.
     if fs::read(&out).ok().as_deref() != Some(&bytes[..]) {
         if let Err(e) = fs::write(&out, &bytes) {
             panic!("writing {}: {e}", out.display());
         }
     }
+}
+
+/// The commit being built: `MMPROXY_GIT_COMMIT` (for builds from a tarball that
+/// know it), else `git rev-parse`, else "unknown".
+fn git_commit(dir: &Path) -> String {
+    println!("cargo::rerun-if-env-changed=MMPROXY_GIT_COMMIT");
+    if let Some(c) = env::var("MMPROXY_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+    {
+        return c;
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    // Rebuild when HEAD moves: HEAD itself (a checkout) and the branch it names (a
+    // commit). Only existing paths: cargo reruns for a missing one on every build.
+    let mut watched = vec!["HEAD".to_owned()];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(branch);
+    }
+    watched.push("packed-refs".to_owned());
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name]) {
+            if Path::new(&path).exists() {
+                println!("cargo::rerun-if-changed={path}");
+            }
+        }
+    }
+    commit
 }

@@ -23,7 +23,7 @@ const GO_LONG: &[&str] = &["allowed-subnets", "close-after", "listeners", "mark"
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "mmproxy",
-    version,
+    version = env!("MMPROXY_VERSION"),
     about = "Unwraps PROXY protocol v1/v2 and connects to the service from the original client's address",
     long_about = None,
 )]
@@ -129,6 +129,12 @@ pub struct Args {
     /// Seconds between statistics log lines (0: never)
     #[arg(long = "stats-interval", value_name = "SECONDS", default_value = "60", value_parser = parse_duration)]
     pub stats_interval: Duration,
+}
+
+/// The clap definition of the command line, for the man page and the shell
+/// completions (`cargo xtask dist`).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
 }
 
 impl Args {
@@ -440,6 +446,14 @@ mod tests {
             v.extend_from_slice(bad);
             assert!(Args::try_from_iter(v).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn version_names_the_commit_and_the_bpf_object() {
+        let version = command().render_version();
+        assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+        assert!(version.contains("(commit "), "{version}");
+        assert!(version.contains("BPF object"), "{version}");
     }
 
     #[test]

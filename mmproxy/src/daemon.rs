@@ -82,6 +82,8 @@ pub async fn run(args: Args) -> Result<()> {
         ebpf = kernel.is_some(),
         "mmproxy ready"
     );
+    crate::notify::ready();
+    let _watchdog = crate::notify::spawn_watchdog();
 
     let stats_task = spawn_stats_line(args.stats_interval, stats.clone(), kernel.clone());
     signal_loop(signals, &args, &allowed, kernel.as_ref(), &stats).await;
@@ -90,6 +92,7 @@ pub async fn run(args: Args) -> Result<()> {
         "stopping: no new connections; live ones get {:?}",
         args.shutdown_grace
     );
+    crate::notify::stopping();
     shutdown.cancel();
     tracker.close();
     if let Some(routes) = routes {
@@ -356,7 +359,11 @@ async fn signal_loop(
         tokio::select! {
             _ = signals.term.recv() => return,
             _ = signals.int.recv() => return,
-            _ = signals.hup.recv() => reload(args, allowed, kernel),
+            _ = signals.hup.recv() => {
+                crate::notify::reloading();
+                reload(args, allowed, kernel);
+                crate::notify::ready();
+            }
             _ = signals.usr1.recv() => info!("stats {}", stats_line(stats, kernel)),
         }
     }

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod logging;
 pub mod netns_lease;
+pub mod notify;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod sockopt;

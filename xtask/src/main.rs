@@ -4,6 +4,7 @@
 //! two commands are all a newcomer or CI types.
 mod bench;
 mod compile;
+mod dist;
 mod fuzz;
 mod setup;
 mod test;
@@ -25,9 +26,13 @@ enum Command {
     Setup,
     /// Build the BPF object, then the daemon at target/release/mmproxy
     Build,
+    /// Release artefacts in target/dist: stripped binary (BPF object embedded), man
+    /// page, shell completions and the .deb
+    Dist,
     /// Show mmproxy's job end to end, in network namespaces (needs root)
     Demo,
-    /// fmt, clippy, unit tests, privileged end-to-end tests (in network namespaces)
+    /// fmt, clippy, cargo deny, unit tests, the .deb and its checks, privileged
+    /// end-to-end tests (in network namespaces)
     Test {
         /// Skip the short fuzzing run
         #[arg(long)]
@@ -63,6 +68,7 @@ fn main() -> Result<()> {
             setup::all(setup::Needs::Build)?;
             compile::daemon()
         }
+        Command::Dist => dist::build().map(|_| ()),
         Command::Demo => {
             setup::all(setup::Needs::Test)?;
             compile::daemon()?;

@@ -27,6 +27,19 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "openssl",
         "a TLS client and certificate for HAProxy's SSL TLVs",
     ),
+    ("lintian", "checks the .deb that `cargo xtask dist` builds"),
+    ("systemd", "systemd-analyze verifies and scores the units"),
+];
+
+/// Cargo subcommands: (crate, version, why). Versions are pinned so a fresh
+/// machine builds the same tools with `--locked`.
+const CARGO_TOOLS: &[(&str, &str, &str)] = &[
+    ("cargo-deb", "3.8.0", "builds the .deb (`cargo xtask dist`)"),
+    (
+        "cargo-deny",
+        "0.20.2",
+        "licences, bans and sources of the dependencies",
+    ),
 ];
 
 pub fn all(needs: Needs) -> Result<()> {
@@ -36,7 +49,35 @@ pub fn all(needs: Needs) -> Result<()> {
     }
     apt(&packages)?;
     rust_src()?;
-    bpf_linker()
+    bpf_linker()?;
+    if needs == Needs::Test {
+        for (name, version, why) in CARGO_TOOLS {
+            cargo_tool(name, version, why)?;
+        }
+    }
+    Ok(())
+}
+
+/// What `cargo xtask dist` needs: the build, and cargo-deb.
+pub fn dist() -> Result<()> {
+    all(Needs::Build)?;
+    for (name, version, why) in CARGO_TOOLS.iter().filter(|t| t.0 == "cargo-deb") {
+        cargo_tool(name, version, why)?;
+    }
+    Ok(())
+}
+
+/// `cargo install NAME --locked --version V`, unless `NAME --version` already
+/// names V (one-off per machine: about a minute or two each).
+fn cargo_tool(name: &str, version: &str, why: &str) -> Result<()> {
+    let bin = cargo_bin_dir().join(name);
+    // Cargo subcommands print their version when called as `cargo-x x --version`.
+    let sub = name.trim_start_matches("cargo-");
+    if output(Command::new(&bin).args([sub, "--version"])).contains(version) {
+        return Ok(());
+    }
+    step(&format!("installing {name} {version}: {why}"));
+    run(cargo().args(["install", name, "--locked", "--version", version]))
 }
 
 fn installed(package: &str) -> bool {

@@ -4,7 +4,7 @@ use std::process::Command;
 use anyhow::Result;
 
 use crate::compile::{self, host_env};
-use crate::util::{cargo, output, run, step, succeeds};
+use crate::util::{build_path, cargo, output, run, step, succeeds};
 
 /// Prefix of every network namespace the end-to-end tests create (tests/src/netns.rs).
 const NETNS_PREFIX: &str = "mmpt-";
@@ -29,6 +29,14 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
         "warnings",
     ])))?;
 
+    if filter.is_none() {
+        // Offline: the advisory database cannot be fetched here (see deny.toml).
+        step("cargo deny check licenses bans sources");
+        run(cargo()
+            .args(["deny", "--locked", "check", "licenses", "bans", "sources"])
+            .env("PATH", build_path()))?;
+    }
+
     step("building the BPF object and the daemon");
     compile::daemon()?;
 
@@ -44,6 +52,12 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
         unit.args(["--", f]);
     }
     run(host_env(&mut unit))?;
+
+    if filter.is_none() {
+        step("the package: cargo xtask dist's artefacts, then lintian and systemd-analyze");
+        let deb = crate::dist::package()?;
+        crate::dist::check(&deb)?;
+    }
 
     step("end-to-end tests (network namespaces, real kernel, real HAProxy)");
     remove_stale_namespaces();
