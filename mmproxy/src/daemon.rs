@@ -19,6 +19,7 @@ use crate::allowed_subnets::{AllowList, SharedAllowList};
 use crate::cli::{Args, EbpfMode, Protocol};
 use crate::ebpf::{self, FlowRegistry, KernelOptions, KernelSide};
 use crate::listener;
+use crate::metrics::Monitoring;
 use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
 use crate::tcp::TcpContext;
@@ -27,6 +28,7 @@ use crate::udp;
 pub async fn run(args: Args) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
+    let monitoring = Monitoring::start(&args, stats.clone()).await?;
 
     let (allowed, warnings) = SharedAllowList::from_file(args.allowed_subnets.as_deref())?;
     for w in warnings {
@@ -41,6 +43,7 @@ pub async fn run(args: Args) -> Result<()> {
         Bound::Tcp(groups) => start_kernel_side(&args, &allowed, groups).await?,
         Bound::Udp(groups) => start_kernel_side(&args, &allowed, groups).await?,
     };
+    monitoring.kernel(kernel.as_ref());
     let steering = kernel
         .as_ref()
         .and_then(|k| k.lock().ok())
@@ -84,6 +87,7 @@ pub async fn run(args: Args) -> Result<()> {
                 .map(|k| k.flows()),
         )?,
     };
+    monitoring.readiness().set_ready();
     info!(
         listen = %listening.join(","),
         ebpf = kernel.is_some(),
@@ -97,6 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
         "stopping: no new connections; live ones get {:?}",
         args.shutdown_grace
     );
+    monitoring.readiness().set_not_ready("shutting down");
     shutdown.cancel();
     tracker.close();
     if let Some(routes) = routes {
@@ -119,6 +124,7 @@ pub async fn run(args: Args) -> Result<()> {
         );
     }
     stats_task.abort();
+    monitoring.stop().await;
     info!("stopped; {}", stats.render());
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod routing;
