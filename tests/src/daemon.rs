@@ -1,6 +1,6 @@
 //! The mmproxy daemon under test, started inside a namespace, its log collected.
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::args::{DaemonArgs, Mode, FAIL_BPF_ENV};
 use crate::netns::Netns;
 
 /// An allowed-subnets file for `--allowed-subnets`, removed with its directory when
@@ -25,14 +26,15 @@ impl AllowedFile {
         Ok(Self { path, _dir: dir })
     }
 
-    /// The path, as the daemon's argument.
-    pub fn arg(&self) -> String {
-        self.path.to_string_lossy().into_owned()
-    }
-
     /// New contents, for a SIGHUP reload.
     pub fn replace(&self, contents: &str) -> Result<()> {
         Ok(std::fs::write(&self.path, contents)?)
+    }
+}
+
+impl AsRef<Path> for AllowedFile {
+    fn as_ref(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -53,33 +55,8 @@ pub fn binary() -> PathBuf {
         })
 }
 
-/// The daemon's variable that makes its BPF loading fail (mmproxy::ebpf::FAIL_ENV).
-pub const FAIL_BPF_ENV: &str = "MMPROXY_TEST_FAIL_BPF";
-
 /// Part of the daemon's warning when it falls back to userspace.
 pub const FALLBACK_WARNING: &str = "kernel side unavailable";
-
-/// How every daemon of this test process is started, from `MMPROXY_TEST_EBPF`:
-/// unset — as the test says; `off` — with `--ebpf off` appended; `fail` — with
-/// the BPF load forced to fail (so `--ebpf auto` takes the userspace fallback).
-/// The `tcp_proxy_ebpf_off` and `tcp_proxy_bpf_failure` test binaries set it to run
-/// the whole TCP list again in those modes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EbpfMode {
-    AsGiven,
-    Off,
-    Fail,
-}
-
-pub const EBPF_MODE_ENV: &str = "MMPROXY_TEST_EBPF";
-
-pub fn ebpf_mode() -> EbpfMode {
-    match std::env::var(EBPF_MODE_ENV).as_deref() {
-        Ok("off") => EbpfMode::Off,
-        Ok("fail") => EbpfMode::Fail,
-        _ => EbpfMode::AsGiven,
-    }
-}
 
 struct Log {
     lines: Vec<String>,
@@ -95,18 +72,40 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts mmproxy in `ns` with `args` and waits for its ready line.
-    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
-        let d = Self::spawn(ns, args)?;
-        d.wait_for(READY, START_TIMEOUT)
-            .with_context(|| format!("mmproxy did not become ready; log:\n{}", d.log_text()))?;
-        d.check_mode()?;
-        Ok(d)
+    pub fn start(ns: &Netns, args: &DaemonArgs) -> Result<Self> {
+        Self::spawn(ns, args)?.until_ready(args.mode)
     }
 
-    /// Under [`EbpfMode::Fail`] the daemon must have taken the fallback, or the
-    /// suite would silently test the kernel side instead.
-    fn check_mode(&self) -> Result<()> {
-        if ebpf_mode() == EbpfMode::Fail {
+    /// Starts mmproxy through `sh -c '<before> && exec mmproxy <args>'` (a `ulimit`,
+    /// a `cd`) and waits for its ready line. The mode applies as in [`Daemon::start`].
+    pub fn start_shell(ns: &Netns, before: &str, args: &DaemonArgs) -> Result<Self> {
+        let script = format!("{before} && exec {}", args.shell_line(&binary()));
+        Self::spawn_program(ns, "sh", &["-c".to_owned(), script], &args.env())?
+            .until_ready(args.mode)
+    }
+
+    /// Starts a program given as it is (the benchmark's proxies, mmproxy among them)
+    /// and waits for mmproxy's ready line.
+    pub fn start_command(ns: &Netns, program: &str, args: &[&str]) -> Result<Self> {
+        Self::spawn_program(ns, program, args, &[])?.until_ready(Mode::AsGiven)
+    }
+
+    /// Starts mmproxy without waiting (for start-up failure tests).
+    pub fn spawn(ns: &Netns, args: &DaemonArgs) -> Result<Self> {
+        Self::spawn_program(ns, &binary().to_string_lossy(), &args.to_vec(), &args.env())
+    }
+
+    /// Waits for the ready line. Under [`Mode::EbpfOff`] and [`Mode::BpfFails`] the
+    /// kernel side must be off, and under [`Mode::BpfFails`] the daemon must have
+    /// taken the fallback, or the test would silently exercise the kernel side instead.
+    fn until_ready(self, mode: Mode) -> Result<Self> {
+        let ready = self
+            .wait_for(READY, START_TIMEOUT)
+            .with_context(|| format!("mmproxy did not become ready; log:\n{}", self.log_text()))?;
+        if mode != Mode::AsGiven && !ready.contains("ebpf=false") {
+            bail!("the kernel side is in use under {mode:?}: {ready}");
+        }
+        if mode == Mode::BpfFails {
             self.wait_for(FALLBACK_WARNING, Duration::ZERO)
                 .with_context(|| {
                     format!(
@@ -115,52 +114,18 @@ impl Daemon {
                     )
                 })?;
         }
-        Ok(())
+        Ok(self)
     }
 
-    /// Starts mmproxy through another program (`sh -c 'ulimit …; exec mmproxy …'`)
-    /// and waits for its ready line.
-    pub fn start_command(ns: &Netns, program: &str, args: &[&str]) -> Result<Self> {
-        let d = Self::spawn_program(ns, program, args)?;
-        d.wait_for(READY, START_TIMEOUT)
-            .with_context(|| format!("mmproxy did not become ready; log:\n{}", d.log_text()))?;
-        d.check_mode()?;
-        Ok(d)
-    }
-
-    /// Starts mmproxy without waiting (for start-up failure tests).
-    pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Self> {
-        Self::spawn_program(ns, &binary().to_string_lossy(), args)
-    }
-
-    /// [`Daemon::spawn`] with extra environment variables.
-    pub fn spawn_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        Self::spawn_program_env(ns, &binary().to_string_lossy(), args, env)
-    }
-
-    fn spawn_program(ns: &Netns, program: &str, args: &[&str]) -> Result<Self> {
-        Self::spawn_program_env(ns, program, args, &[])
-    }
-
-    fn spawn_program_env(
+    fn spawn_program(
         ns: &Netns,
         program: &str,
-        args: &[&str],
+        args: &[impl AsRef<std::ffi::OsStr>],
         env: &[(&str, &str)],
     ) -> Result<Self> {
         let mut cmd = ns.command(program);
         cmd.args(args);
         cmd.envs(env.iter().copied());
-        match ebpf_mode() {
-            // Appended last, so it wins over an --ebpf the test itself passed.
-            EbpfMode::Off if program.ends_with("mmproxy") => {
-                cmd.args(["--ebpf", "off"]);
-            }
-            EbpfMode::Fail => {
-                cmd.env(FAIL_BPF_ENV, "1");
-            }
-            _ => {}
-        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -233,6 +198,22 @@ impl Daemon {
         self.wait_for_after("stats", before, Duration::from_secs(10))
     }
 
+    /// Asks for the counters (SIGUSR1) until `name` reaches `want`; the last stats
+    /// line.
+    pub fn wait_counter(&self, name: &str, want: u64, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.stats()?;
+            if counter(&line, name) >= want {
+                return Ok(line);
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} did not reach {want} within {timeout:?}: {line}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Like `wait_for`, looking only at lines after the first `skip`.
     pub fn wait_for_after(&self, needle: &str, skip: usize, timeout: Duration) -> Result<String> {
         let (lock, cv) = &*self.log;
@@ -261,6 +242,22 @@ impl Daemon {
     /// Open descriptors of the daemon process.
     pub fn open_fds(&self) -> Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.pid()))?.count())
+    }
+
+    /// Waits until the daemon holds at most `limit` descriptors (closing them is not
+    /// announced; their count is looked at every 50 ms).
+    pub fn wait_open_fds_at_most(&self, limit: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let fds = self.open_fds()?;
+            if fds <= limit {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{fds} descriptors open after {timeout:?}, at most {limit} expected");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -292,4 +289,14 @@ fn collect(stream: impl std::io::Read + Send + 'static, log: Arc<(Mutex<Log>, Co
         }
         cv.notify_all();
     });
+}
+
+/// A counter's value in a `name=value …` stats line; 0 when absent (zeros are not
+/// printed).
+pub fn counter(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.trim_matches('"').parse().ok())
+        .unwrap_or(0)
 }

@@ -109,6 +109,22 @@ impl Netns {
         }
     }
 
+    /// Policy rules and every route not made by the kernel itself (those come and go
+    /// by themselves: IPv6 link-local routes appear a moment after a link is up),
+    /// both families: what the daemon's routing changes, to compare before and after.
+    pub fn rules_and_routes(&self) -> Result<String> {
+        let mut s = self.ip_output(&["rule", "show"])?;
+        s.push_str(&self.ip_output(&["-6", "rule", "show"])?);
+        for family in ["-4", "-6"] {
+            let routes = self.ip_output(&[family, "route", "show", "table", "all"])?;
+            for line in routes.lines().filter(|l| !l.contains("proto kernel")) {
+                s.push_str(line);
+                s.push('\n');
+            }
+        }
+        Ok(s)
+    }
+
     /// PIDs of processes whose network namespace is this one.
     fn pids(&self) -> Vec<i32> {
         output(Command::new("ip").args(["netns", "pids", &self.name]))

@@ -1,4 +1,4 @@
-//! The standard test network (shared/notes/design.md, "Test topology"):
+//! The standard test network:
 //!
 //! ```text
 //! client 198.51.100.9 ──► lb (HAProxy) 192.0.2.1 ──► host 192.0.2.2 (mmproxy, service on lo)
@@ -12,6 +12,8 @@
 //! ```
 //! No namespace has a route out of the machine; every address is from a
 //! documentation range.
+use std::net::{IpAddr, SocketAddr};
+
 use anyhow::Result;
 
 use crate::netns::Netns;
@@ -38,6 +40,14 @@ pub const APP_V4: &str = "203.0.113.130";
 pub const APP_V6: &str = "2001:db8:a::2";
 pub const APP_GW_V4: &str = "203.0.113.129";
 pub const APP_GW_V6: &str = "2001:db8:a::1";
+
+/// `ip` (either family, without brackets) and `port` as `addr:port`, IPv6 in brackets.
+pub fn sock(ip: &str, port: u16) -> String {
+    match ip.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => panic!("{ip}: not an IP address"),
+    }
+}
 
 pub struct Topology {
     pub client: Netns,

@@ -6,7 +6,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::Stdio;
 use std::sync::mpsc::{channel, Receiver};
 use std::thread;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mmproxy::addr::ClientAddr;
@@ -14,10 +13,9 @@ use mmproxy::proxy_protocol::{decode, DecodeOptions, Decoded, Endpoints, Tlv, Ve
 use mmproxy_tests::client::connect_from;
 use mmproxy_tests::haproxy::{Frontend, Haproxy, TempDir};
 use mmproxy_tests::netns::{sh, KillOnDrop, Netns};
-use mmproxy_tests::privileged;
 use mmproxy_tests::topology::*;
+use mmproxy_tests::{require_root, WAIT};
 
-const WAIT: Duration = Duration::from_secs(10);
 const SNI: &str = "service.example";
 
 /// Accepts on `addr` in `ns` and hands over each connection's complete header bytes.
@@ -75,9 +73,7 @@ fn self_signed_pem(dir: &TempDir) -> Result<String> {
 
 #[test]
 fn real_haproxy_headers_decode_with_every_tlv_option() -> Result<()> {
-    if !privileged("real_haproxy_headers_decode_with_every_tlv_option") {
-        return Ok(());
-    }
+    require_root!();
     let t = Topology::new()?;
     let headers = capture(&t.host, "192.0.2.2:8443")?;
     let dir = TempDir::new("tls")?;

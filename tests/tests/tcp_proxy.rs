@@ -1,5 +1,10 @@
 //! The TCP proxy end to end: real HAProxy in front, a real upstream behind, the real
 //! kernel's transparent sockets and policy routing, all in namespaces of their own.
+//!
+//! Every test runs in each [`Mode`]: as given (the kernel side loaded), with
+//! `--ebpf off` (plain listeners, the userspace allow-list, loopback-only routing),
+//! and with the BPF load forced to fail (`--ebpf auto` must fall back to userspace,
+//! say so, and pass the test unchanged).
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
@@ -7,14 +12,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mmproxy::proxy_protocol::{encode_v1, V2Builder};
-use mmproxy_tests::client::{connect_from, counter};
-use mmproxy_tests::daemon::Daemon;
-use mmproxy_tests::haproxy::{Frontend, Haproxy};
-use mmproxy_tests::privileged;
+use mmproxy_tests::args::{DaemonArgs, Mode};
+use mmproxy_tests::balancer::{connect, proxied};
+use mmproxy_tests::client::{connect_from, read_to_eof, roundtrip};
+use mmproxy_tests::daemon::{counter, Daemon};
+use mmproxy_tests::haproxy::{Frontend, Haproxy, TempDir};
 use mmproxy_tests::topology::*;
 use mmproxy_tests::upstream::{EchoServer, GreeterServer};
+use mmproxy_tests::{tests_per_mode, WAIT};
 
-const WAIT: Duration = Duration::from_secs(10);
+tests_per_mode!(
+    haproxy_v1_and_v2_ipv4_and_ipv6_clients_seen_by_upstream,
+    header_split_byte_by_byte_and_header_with_payload_in_one_segment,
+    eight_mib_each_way_arrive_intact,
+    half_close_propagates_both_ways,
+    local_and_unknown_connect_from_the_hosts_own_address,
+    malformed_headers_are_closed_without_dialling_and_the_next_good_one_works,
+    silent_and_trickling_connections_are_cut_at_the_header_timeout,
+    upstream_down_closes_the_client_promptly_and_counts,
+    descriptor_pressure_does_not_stop_the_daemon,
+    sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicates,
+    go_mmproxy_readme_invocation_works_unchanged,
+);
+
 const MM: &str = "192.0.2.2:8443";
 
 struct Setup {
@@ -23,60 +43,38 @@ struct Setup {
     t: Topology,
 }
 
-/// Topology, echo upstream on loopback (port 9000, both families), mmproxy on
-/// 0.0.0.0:8443 and [::]:8443 with `extra` flags.
-fn setup(extra: &[&str]) -> Result<Setup> {
+/// mmproxy on 0.0.0.0:8443 and [::]:8443 forwarding to port 9000 on loopback (both
+/// families), `-v 2`, in `mode`; a test may add flags.
+fn standard(mode: Mode) -> DaemonArgs {
+    DaemonArgs::tcp()
+        .mode(mode)
+        .listen("0.0.0.0:8443")
+        .listen("[::]:8443")
+        .target4("127.0.0.1:9000")
+        .target6("[::1]:9000")
+        .verbose(2)
+}
+
+/// Topology, echo upstream on loopback (port 9000, both families), mmproxy with
+/// `args`.
+fn setup(args: DaemonArgs) -> Result<Setup> {
     let t = Topology::new()?;
     let echo = EchoServer::start_dual(&t.host, 9000)?;
-    let mut args = vec![
-        "-l",
-        "0.0.0.0:8443",
-        "-l",
-        "[::]:8443",
-        "-4",
-        "127.0.0.1:9000",
-        "-6",
-        "[::1]:9000",
-        "-v",
-        "2",
-    ];
-    args.extend_from_slice(extra);
     let daemon = Daemon::start(&t.host, &args)?;
     Ok(Setup { echo, daemon, t })
 }
 
-/// Connects as the balancer (from the namespace `lb`, address LB_V4).
+/// Connects as the balancer (from the namespace `lb`, address LB_V4) to [`MM`].
 fn as_balancer(t: &Topology) -> Result<TcpStream> {
-    let c = connect_from(&t.lb, Some(LB_V4), MM, WAIT)??;
-    c.set_read_timeout(Some(WAIT))?;
-    Ok(c)
+    connect(t, LB_V4, MM)
 }
 
 fn v1(client: &str, dst: &str) -> Result<Vec<u8>> {
     Ok(encode_v1(client.parse()?, dst.parse()?))
 }
 
-fn echo_roundtrip(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
-    c.write_all(msg)?;
-    let mut back = vec![0u8; msg.len()];
-    c.read_exact(&mut back)?;
-    ensure!(back == msg, "echo differs");
-    Ok(())
-}
-
-/// Reads until EOF; Ok(bytes) or the error (a reset shows up here).
-fn read_to_eof(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut all = Vec::new();
-    c.read_to_end(&mut all)?;
-    Ok(all)
-}
-
-#[test]
-fn haproxy_v1_and_v2_ipv4_and_ipv6_clients_seen_by_upstream() -> Result<()> {
-    if !privileged("haproxy_v1_and_v2_ipv4_and_ipv6_clients_seen_by_upstream") {
-        return Ok(());
-    }
-    let s = setup(&[])?;
+fn haproxy_v1_and_v2_ipv4_and_ipv6_clients_seen_by_upstream(mode: Mode) -> Result<()> {
+    let s = setup(standard(mode))?;
     let frontends = [
         ("8081", "send-proxy", MM.to_string()),
         (
@@ -117,7 +115,7 @@ fn haproxy_v1_and_v2_ipv4_and_ipv6_clients_seen_by_upstream() -> Result<()> {
             };
             let mut c = connect_from(&s.t.client, None, &dst, WAIT)??;
             c.set_read_timeout(Some(WAIT))?;
-            echo_roundtrip(&mut c, b"ping over haproxy\n")
+            roundtrip(&mut c, b"ping over haproxy\n")
                 .with_context(|| format!("{client} via {opts} ({dst})\n{}", s.daemon.log_text()))?;
             let seen = s.echo.next_peer(WAIT)?;
             assert_eq!(
@@ -131,12 +129,8 @@ fn haproxy_v1_and_v2_ipv4_and_ipv6_clients_seen_by_upstream() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn header_split_byte_by_byte_and_header_with_payload_in_one_segment() -> Result<()> {
-    if !privileged("header_split_byte_by_byte_and_header_with_payload_in_one_segment") {
-        return Ok(());
-    }
-    let s = setup(&[])?;
+fn header_split_byte_by_byte_and_header_with_payload_in_one_segment(mode: Mode) -> Result<()> {
+    let s = setup(standard(mode))?;
     let headers = [
         v1("198.51.100.20:1111", MM)?,
         V2Builder::proxy("198.51.100.21:2222".parse()?, MM.parse()?)
@@ -151,7 +145,7 @@ fn header_split_byte_by_byte_and_header_with_payload_in_one_segment() -> Result<
             // Separate segments: the point of the test is reads that end mid-header.
             thread::sleep(Duration::from_millis(2));
         }
-        echo_roundtrip(&mut c, b"after a trickled header")?;
+        roundtrip(&mut c, b"after a trickled header")?;
     }
     assert_eq!(s.echo.next_peer(WAIT)?, "198.51.100.20:1111".parse()?);
     assert_eq!(s.echo.next_peer(WAIT)?, "198.51.100.21:2222".parse()?);
@@ -168,14 +162,9 @@ fn header_split_byte_by_byte_and_header_with_payload_in_one_segment() -> Result<
     Ok(())
 }
 
-#[test]
-fn eight_mib_each_way_arrive_intact() -> Result<()> {
-    if !privileged("eight_mib_each_way_arrive_intact") {
-        return Ok(());
-    }
-    let s = setup(&[])?;
-    let mut c = as_balancer(&s.t)?;
-    c.write_all(&v1("198.51.100.30:4444", MM)?)?;
+fn eight_mib_each_way_arrive_intact(mode: Mode) -> Result<()> {
+    let s = setup(standard(mode))?;
+    let mut c = proxied(&s.t, LB_V4, MM, "198.51.100.30:4444")?;
     let data: Vec<u8> = (0..8 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -193,29 +182,23 @@ fn eight_mib_each_way_arrive_intact() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn half_close_propagates_both_ways() -> Result<()> {
-    if !privileged("half_close_propagates_both_ways") {
-        return Ok(());
-    }
+fn half_close_propagates_both_ways(mode: Mode) -> Result<()> {
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
     let greeter = GreeterServer::start(&t.host, "127.0.0.1:9001")?;
-    let d1 = Daemon::start(&t.host, &["-l", "0.0.0.0:8443", "-4", "127.0.0.1:9000"])?;
-    let _d2 = Daemon::start(&t.host, &["-l", "0.0.0.0:8444", "-4", "127.0.0.1:9001"])?;
+    let args = |listen, target| DaemonArgs::tcp().mode(mode).listen(listen).target4(target);
+    let d1 = Daemon::start(&t.host, &args("0.0.0.0:8443", "127.0.0.1:9000"))?;
+    let _d2 = Daemon::start(&t.host, &args("0.0.0.0:8444", "127.0.0.1:9001"))?;
 
     // Client → upstream FIN first: the echo of what was sent still comes back after it.
-    let mut c = as_balancer(&t)?;
-    c.write_all(&v1("198.51.100.40:5555", MM)?)?;
+    let mut c = proxied(&t, LB_V4, MM, "198.51.100.40:5555")?;
     c.write_all(b"sent before FIN")?;
     c.shutdown(Shutdown::Write)?;
     assert_eq!(read_to_eof(&mut c)?, b"sent before FIN");
     assert_eq!(echo.next_peer(WAIT)?, "198.51.100.40:5555".parse()?);
 
     // Upstream → client FIN first: the client can still send afterwards.
-    let mut c = connect_from(&t.lb, Some(LB_V4), "192.0.2.2:8444", WAIT)??;
-    c.set_read_timeout(Some(WAIT))?;
-    c.write_all(&v1("198.51.100.41:5556", "192.0.2.2:8444")?)?;
+    let mut c = proxied(&t, LB_V4, "192.0.2.2:8444", "198.51.100.41:5556")?;
     assert_eq!(read_to_eof(&mut c)?, GreeterServer::GREETING);
     c.write_all(b"still talking after the upstream's FIN")?;
     c.shutdown(Shutdown::Write)?;
@@ -227,12 +210,8 @@ fn half_close_propagates_both_ways() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn local_and_unknown_connect_from_the_hosts_own_address() -> Result<()> {
-    if !privileged("local_and_unknown_connect_from_the_hosts_own_address") {
-        return Ok(());
-    }
-    let s = setup(&[])?;
+fn local_and_unknown_connect_from_the_hosts_own_address(mode: Mode) -> Result<()> {
+    let s = setup(standard(mode))?;
     let headers: [Vec<u8>; 3] = [
         b"PROXY UNKNOWN\r\n".to_vec(),
         b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n".to_vec(),
@@ -241,7 +220,7 @@ fn local_and_unknown_connect_from_the_hosts_own_address() -> Result<()> {
     for h in headers {
         let mut c = as_balancer(&s.t)?;
         c.write_all(&h)?;
-        echo_roundtrip(&mut c, b"local")?;
+        roundtrip(&mut c, b"local")?;
         let seen = s.echo.next_peer(WAIT)?;
         assert!(
             seen.ip().is_loopback(),
@@ -251,7 +230,7 @@ fn local_and_unknown_connect_from_the_hosts_own_address() -> Result<()> {
     Ok(())
 }
 
-/// Malformed headers, one per family of proxy-protocol.md's list.
+/// Malformed headers, one per way of breaking the PROXY protocol's rules.
 fn malformed() -> Vec<(&'static str, Vec<u8>)> {
     let mut v: Vec<(&'static str, Vec<u8>)> = vec![
         ("no signature", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
@@ -365,12 +344,10 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
     v
 }
 
-#[test]
-fn malformed_headers_are_closed_without_dialling_and_the_next_good_one_works() -> Result<()> {
-    if !privileged("malformed_headers_are_closed_without_dialling_and_the_next_good_one_works") {
-        return Ok(());
-    }
-    let s = setup(&[])?;
+fn malformed_headers_are_closed_without_dialling_and_the_next_good_one_works(
+    mode: Mode,
+) -> Result<()> {
+    let s = setup(standard(mode))?;
     let cases = malformed();
     for (name, bytes) in &cases {
         assert!(!bytes.is_empty(), "{name}: empty test input");
@@ -397,19 +374,14 @@ fn malformed_headers_are_closed_without_dialling_and_the_next_good_one_works() -
     );
     assert_eq!(counter(&line, "tcp_proxied"), 0, "{line}");
 
-    let mut c = as_balancer(&s.t)?;
-    c.write_all(&v1("198.51.100.50:6000", MM)?)?;
-    echo_roundtrip(&mut c, b"still serving")?;
+    let mut c = proxied(&s.t, LB_V4, MM, "198.51.100.50:6000")?;
+    roundtrip(&mut c, b"still serving")?;
     assert_eq!(s.echo.next_peer(WAIT)?, "198.51.100.50:6000".parse()?);
     Ok(())
 }
 
-#[test]
-fn silent_and_trickling_connections_are_cut_at_the_header_timeout() -> Result<()> {
-    if !privileged("silent_and_trickling_connections_are_cut_at_the_header_timeout") {
-        return Ok(());
-    }
-    let s = setup(&["--header-timeout", "2"])?;
+fn silent_and_trickling_connections_are_cut_at_the_header_timeout(mode: Mode) -> Result<()> {
+    let s = setup(standard(mode).header_timeout(2))?;
     // A silent connection.
     let mut silent = as_balancer(&s.t)?;
     // 100 slowloris connections, each with the first bytes of a valid header.
@@ -420,9 +392,8 @@ fn silent_and_trickling_connections_are_cut_at_the_header_timeout() -> Result<()
         slow.push(c);
     }
     // A good connection is served meanwhile.
-    let mut good = as_balancer(&s.t)?;
-    good.write_all(&v1("198.51.100.60:7000", MM)?)?;
-    echo_roundtrip(&mut good, b"not starved")?;
+    let mut good = proxied(&s.t, LB_V4, MM, "198.51.100.60:7000")?;
+    roundtrip(&mut good, b"not starved")?;
     assert_eq!(s.echo.next_peer(WAIT)?, "198.51.100.60:7000".parse()?);
 
     let started = Instant::now();
@@ -443,19 +414,16 @@ fn silent_and_trickling_connections_are_cut_at_the_header_timeout() -> Result<()
     Ok(())
 }
 
-#[test]
-fn upstream_down_closes_the_client_promptly_and_counts() -> Result<()> {
-    if !privileged("upstream_down_closes_the_client_promptly_and_counts") {
-        return Ok(());
-    }
+fn upstream_down_closes_the_client_promptly_and_counts(mode: Mode) -> Result<()> {
     let t = Topology::new()?;
     // Nothing listens on 127.0.0.1:9999.
-    let d = Daemon::start(
-        &t.host,
-        &["-l", "0.0.0.0:8443", "-4", "127.0.0.1:9999", "-v", "1"],
-    )?;
-    let mut c = as_balancer(&t)?;
-    c.write_all(&v1("198.51.100.70:7100", MM)?)?;
+    let args = DaemonArgs::tcp()
+        .mode(mode)
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9999")
+        .verbose(1);
+    let d = Daemon::start(&t.host, &args)?;
+    let mut c = proxied(&t, LB_V4, MM, "198.51.100.70:7100")?;
     let started = Instant::now();
     let _ = read_to_eof(&mut c);
     assert!(
@@ -467,20 +435,16 @@ fn upstream_down_closes_the_client_promptly_and_counts() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn descriptor_pressure_does_not_stop_the_daemon() -> Result<()> {
-    if !privileged("descriptor_pressure_does_not_stop_the_daemon") {
-        return Ok(());
-    }
+fn descriptor_pressure_does_not_stop_the_daemon(mode: Mode) -> Result<()> {
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
-    let bin = mmproxy_tests::daemon::binary();
+    let args = DaemonArgs::tcp()
+        .mode(mode)
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9000")
+        .verbose(1);
     // A low descriptor limit, set by the shell that then becomes mmproxy.
-    let script = format!(
-        "ulimit -n 64 && exec {} -l 0.0.0.0:8443 -4 127.0.0.1:9000 -v 1",
-        bin.display()
-    );
-    let d = Daemon::start_command(&t.host, "sh", &["-c", &script])?;
+    let d = Daemon::start_shell(&t.host, "ulimit -n 64", &args)?;
 
     // Far more connections than descriptors: each proxied one needs two.
     let mut held = Vec::new();
@@ -502,9 +466,8 @@ fn descriptor_pressure_does_not_stop_the_daemon() -> Result<()> {
     // Pressure over: the daemon serves again.
     let deadline = Instant::now() + WAIT;
     loop {
-        let mut c = as_balancer(&t)?;
-        c.write_all(&v1("198.51.100.81:7200", MM)?)?;
-        if echo_roundtrip(&mut c, b"back to normal").is_ok() {
+        let mut c = proxied(&t, LB_V4, MM, "198.51.100.81:7200")?;
+        if roundtrip(&mut c, b"back to normal").is_ok() {
             break;
         }
         ensure!(
@@ -517,39 +480,20 @@ fn descriptor_pressure_does_not_stop_the_daemon() -> Result<()> {
     Ok(())
 }
 
-fn rules_and_routes(ns: &mmproxy_tests::netns::Netns) -> Result<String> {
-    let mut s = String::new();
-    for args in [
-        &["rule", "show"][..],
-        &["-6", "rule", "show"],
-        &["route", "show", "table", "all"],
-        &["-6", "route", "show", "table", "all"],
-    ] {
-        s.push_str(&ns.ip_output(args)?);
-    }
-    Ok(s)
-}
-
-#[test]
-fn sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicates() -> Result<()> {
-    if !privileged("sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicates")
-    {
-        return Ok(());
-    }
+fn sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicates(
+    mode: Mode,
+) -> Result<()> {
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
-    let before = rules_and_routes(&t.host)?;
-    let args = [
-        "-l",
-        "0.0.0.0:8443",
-        "-4",
-        "127.0.0.1:9000",
-        "-6",
-        "[::1]:9000",
-    ];
+    let before = t.host.rules_and_routes()?;
+    let args = DaemonArgs::tcp()
+        .mode(mode)
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9000")
+        .target6("[::1]:9000");
 
     let mut d = Daemon::start(&t.host, &args)?;
-    let during = rules_and_routes(&t.host)?;
+    let during = t.host.rules_and_routes()?;
     assert!(
         during.contains("lookup 123"),
         "no policy rule installed:\n{during}"
@@ -558,7 +502,7 @@ fn sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicate
     let status = d.wait_exit(WAIT)?;
     assert!(status.success(), "exit status {status}");
     assert_eq!(
-        rules_and_routes(&t.host)?,
+        t.host.rules_and_routes()?,
         before,
         "routing not restored after SIGTERM"
     );
@@ -569,38 +513,34 @@ fn sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicate
     d.wait_exit(WAIT)?;
     let d = Daemon::start(&t.host, &args)?;
     assert_eq!(
-        rules_and_routes(&t.host)?,
+        t.host.rules_and_routes()?,
         during,
         "restart after SIGKILL changed the rules"
     );
-    let mut c = as_balancer(&t)?;
-    c.write_all(&v1("198.51.100.90:7300", MM)?)?;
-    echo_roundtrip(&mut c, b"after restart")?;
+    let mut c = proxied(&t, LB_V4, MM, "198.51.100.90:7300")?;
+    roundtrip(&mut c, b"after restart")?;
     assert_eq!(echo.next_peer(WAIT)?, "198.51.100.90:7300".parse()?);
     drop(d);
     Ok(())
 }
 
-#[test]
-fn go_mmproxy_readme_invocation_works_unchanged() -> Result<()> {
-    if !privileged("go_mmproxy_readme_invocation_works_unchanged") {
-        return Ok(());
-    }
+fn go_mmproxy_readme_invocation_works_unchanged(mode: Mode) -> Result<()> {
     let t = Topology::new()?;
     let echo = EchoServer::start(&t.host, "127.0.0.1:25578")?;
-    let dir = mmproxy_tests::haproxy::TempDir::new("prefixes")?;
+    let dir = TempDir::new("prefixes")?;
     std::fs::write(dir.0.join("path-prefixes.txt"), format!("{LB_V4}/32\n"))?;
-    // Exactly the seed README's example, run from the directory holding the file.
-    let script = format!(
-        "cd {} && exec {} -l 0.0.0.0:25577 -4 127.0.0.1:25578 -6 [::1]:25578 --allowed-subnets ./path-prefixes.txt",
-        dir.0.display(),
-        mmproxy_tests::daemon::binary().display()
-    );
-    let _d = Daemon::start_command(&t.host, "sh", &["-c", &script])?;
-    let mut c = connect_from(&t.lb, Some(LB_V4), "192.0.2.2:25577", WAIT)??;
-    c.set_read_timeout(Some(WAIT))?;
-    c.write_all(&v1("198.51.100.99:7400", "192.0.2.2:25577")?)?;
-    echo_roundtrip(&mut c, b"drop-in")?;
+    // Exactly go-mmproxy's README example (plus `--ebpf off` in that mode), run from
+    // the directory holding the file.
+    let args = DaemonArgs::tcp()
+        .mode(mode)
+        .listen("0.0.0.0:25577")
+        .target4("127.0.0.1:25578")
+        .target6("[::1]:25578")
+        .allowed("./path-prefixes.txt");
+    let cd = format!("cd '{}'", dir.0.display());
+    let _d = Daemon::start_shell(&t.host, &cd, &args)?;
+    let mut c = proxied(&t, LB_V4, "192.0.2.2:25577", "198.51.100.99:7400")?;
+    roundtrip(&mut c, b"drop-in")?;
     assert_eq!(echo.next_peer(WAIT)?, "198.51.100.99:7400".parse()?);
     Ok(())
 }

@@ -1,21 +1,21 @@
 //! The UDP proxy end to end: a "balancer" in its own namespace sending PROXY v2 DGRAM
-//! datagrams (HAProxy does not send PROXY over UDP; Cloudflare Spectrum does, one
-//! header per datagram), mmproxy with the real kernel's transparent sockets and
-//! policy routing, and a real UDP service on the host's loopback.
+//! datagrams, mmproxy with the real kernel's transparent sockets and policy routing,
+//! and a real UDP service on the host's loopback. Each test runs once, with the
+//! flags it gives (`--ebpf auto` unless it says otherwise).
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, UdpSocket};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use mmproxy::proxy_protocol::{encode_v1, Transport, V2Builder};
-use mmproxy_tests::client::counter;
-use mmproxy_tests::daemon::Daemon;
-use mmproxy_tests::privileged;
+use mmproxy_tests::args::{DaemonArgs, Ebpf};
+use mmproxy_tests::balancer::{dgram, UdpBalancer};
+use mmproxy_tests::daemon::{counter, Daemon};
+use mmproxy_tests::haproxy::TempDir;
 use mmproxy_tests::topology::*;
 use mmproxy_tests::udp_upstream::{answer, UdpEcho};
+use mmproxy_tests::{require_root, WAIT};
 
-const WAIT: Duration = Duration::from_secs(10);
 /// Second addresses of the host: a wildcard socket answering the balancer from its
 /// primary address (192.0.2.2, 2001:db8:1::2) instead would be dropped by a real
 /// balancer, so answers to these show that PKTINFO is honoured.
@@ -28,126 +28,44 @@ struct Setup {
     t: Topology,
 }
 
+/// `mmproxy -p udp -4 127.0.0.1:9000 -6 [::1]:9000 -v 1`, for a test to add its
+/// listening addresses and flags to.
+fn standard() -> DaemonArgs {
+    DaemonArgs::udp()
+        .target4("127.0.0.1:9000")
+        .target6("[::1]:9000")
+        .verbose(1)
+}
+
+/// Both families' wildcards on port 8443.
+fn wildcard() -> DaemonArgs {
+    standard().listen("0.0.0.0:8443").listen("[::]:8443")
+}
+
 /// Topology with the host's second addresses, a UDP echo service on 127.0.0.1:9000
-/// and [::1]:9000, and `mmproxy -p udp -4 127.0.0.1:9000 -6 [::1]:9000 -v 1` plus
-/// `args` (which include the -l flags).
-fn setup(args: &[&str]) -> Result<Setup> {
+/// and [::1]:9000, and mmproxy with `args`.
+fn setup(args: DaemonArgs) -> Result<Setup> {
     let t = Topology::new()?;
     t.host.addr("eth0", &format!("{HOST2_V4}/24"))?;
     t.host.addr("eth0", &format!("{HOST2_V6}/64"))?;
     let echo = UdpEcho::start_dual(&t.host, 9000)?;
-    let mut all = vec![
-        "-p",
-        "udp",
-        "-4",
-        "127.0.0.1:9000",
-        "-6",
-        "[::1]:9000",
-        "-v",
-        "1",
-    ];
-    all.extend_from_slice(args);
-    let daemon = Daemon::start(&t.host, &all)?;
+    let daemon = Daemon::start(&t.host, &args)?;
     Ok(Setup { echo, daemon, t })
 }
-
-const WILDCARD: &[&str] = &["-l", "0.0.0.0:8443", "-l", "[::]:8443"];
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
 
 fn mm(host: &str) -> SocketAddr {
-    if host.contains(':') {
-        sa(&format!("[{host}]:8443"))
-    } else {
-        sa(&format!("{host}:8443"))
-    }
-}
-
-/// A PROXY v2 DGRAM header for `client`, as a Spectrum-like sender writes it.
-fn dgram(client: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    V2Builder::proxy(client, dst)
-        .transport(Transport::Dgram)
-        .build()
-        .unwrap_or_default()
-}
-
-/// The balancer's socket, in the `lb` namespace.
-struct Balancer(UdpSocket);
-
-impl Balancer {
-    fn new(t: &Topology, src: &str) -> Result<Self> {
-        let bind = if src.contains(':') {
-            sa(&format!("[{src}]:0"))
-        } else {
-            sa(&format!("{src}:0"))
-        };
-        let s = t.lb.enter(move || UdpSocket::bind(bind))??;
-        s.set_read_timeout(Some(WAIT))?;
-        Ok(Self(s))
-    }
-
-    fn send(&self, header: &[u8], payload: &[u8], to: SocketAddr) -> Result<()> {
-        let mut d = header.to_vec();
-        d.extend_from_slice(payload);
-        self.0.send_to(&d, to)?;
-        Ok(())
-    }
-
-    /// The next answer and where it came from.
-    fn recv(&self) -> Result<(Vec<u8>, SocketAddr)> {
-        let mut buf = vec![0u8; 65536];
-        let (n, from) = self
-            .0
-            .recv_from(&mut buf)
-            .context("no answer from mmproxy")?;
-        buf.truncate(n);
-        Ok((buf, from))
-    }
-
-    /// Sends `payload` for `client` to `to` and checks the answer: the service's
-    /// echo for the client's own address, coming from `to`.
-    fn roundtrip(&self, client: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<()> {
-        self.send(&dgram(client, to), payload, to)?;
-        let (got, from) = self.recv()?;
-        ensure!(
-            from == to,
-            "answer came from {from}, the balancer sent to {to}"
-        );
-        ensure!(
-            got == answer(client, payload),
-            "for {client}: got {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        Ok(())
-    }
-}
-
-/// Polls the daemon's counters (SIGUSR1) until `name` reaches `want`.
-fn wait_counter(d: &Daemon, name: &str, want: u64, timeout: Duration) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let line = d.stats()?;
-        if counter(&line, name) >= want {
-            return Ok(line);
-        }
-        if Instant::now() >= deadline {
-            bail!("{name} did not reach {want} within {timeout:?}: {line}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    sa(&sock(host, 8443))
 }
 
 #[test]
 fn ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_address_used(
 ) -> Result<()> {
-    if !privileged(
-        "ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_address_used",
-    ) {
-        return Ok(());
-    }
-    let s = setup(WILDCARD)?;
+    require_root!();
+    let s = setup(wildcard())?;
     let mut port = 40000;
     for (lb, host) in [
         (LB_V4, HOST2_V4),
@@ -155,7 +73,7 @@ fn ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_a
         (LB_V4, HOST_V4),
         (LB_V6, HOST_V6),
     ] {
-        let b = Balancer::new(&s.t, lb)?;
+        let b = UdpBalancer::new(&s.t, lb)?;
         let to = mm(host);
         for client in ["198.51.100.20", "2001:db8:c::20"] {
             port += 1;
@@ -174,7 +92,7 @@ fn ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_a
     }
     // An IPv4 client in an INET6 header (IPv4-mapped, as a mixed pair is sent) goes
     // to the -4 target from the IPv4 address.
-    let b = Balancer::new(&s.t, LB_V6)?;
+    let b = UdpBalancer::new(&s.t, LB_V6)?;
     let mapped = sa("[::ffff:198.51.100.21]:41000");
     let to = mm(HOST_V6);
     b.send(&dgram(mapped, to), b"mapped", to)?;
@@ -195,7 +113,7 @@ fn ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_a
         assert!(got.ends_with(b"|health"));
         assert!(s.echo.next_peer(WAIT)?.ip().is_loopback());
     }
-    let b4 = Balancer::new(&s.t, LB_V4)?;
+    let b4 = UdpBalancer::new(&s.t, LB_V4)?;
     b4.send(&local, b"health", to)?;
     let (_, from) = b4.recv()?;
     assert_eq!(from, to);
@@ -213,18 +131,14 @@ fn ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from_the_a
 
 #[test]
 fn thousand_clients_each_answered_and_idle_expiry_closes_their_descriptors() -> Result<()> {
-    if !privileged("thousand_clients_each_answered_and_idle_expiry_closes_their_descriptors") {
-        return Ok(());
-    }
-    let mut args = WILDCARD.to_vec();
-    args.extend_from_slice(&["--close-after", "1", "--listeners", "2"]);
-    let s = setup(&args)?;
+    require_root!();
+    let s = setup(wildcard().close_after(1).listeners(2))?;
     let fds_idle = s.daemon.open_fds()?;
 
     // Four balancer sockets, so both SO_REUSEPORT sockets get flows.
     let balancers = [LB_V4, LB_V4, LB_V6, LB_V6]
         .iter()
-        .map(|lb| Balancer::new(&s.t, lb))
+        .map(|lb| UdpBalancer::new(&s.t, lb))
         .collect::<Result<Vec<_>>>()?;
     for b in &balancers {
         b.0.set_read_timeout(Some(Duration::from_millis(500)))?;
@@ -296,31 +210,20 @@ fn thousand_clients_each_answered_and_idle_expiry_closes_their_descriptors() -> 
     );
 
     // Idle for --close-after 1: every flow is closed and its descriptor with it.
-    let line = wait_counter(&s.daemon, "udp_flows_expired", 1000, WAIT)?;
+    let line = s.daemon.wait_counter("udp_flows_expired", 1000, WAIT)?;
     assert_eq!(counter(&line, "udp_flows_active"), 0, "{line}");
     assert_eq!(counter(&line, "udp_flows_evicted"), 0, "{line}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let fds = s.daemon.open_fds()?;
-        if fds <= fds_idle {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{fds} descriptors open after expiry, {fds_idle} before any flow"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    s.daemon
+        .wait_open_fds_at_most(fds_idle, WAIT)
+        .context("after expiry, as many as before any flow")?;
     Ok(())
 }
 
 #[test]
 fn full_flow_table_evicts_the_least_recently_used_and_new_clients_are_served() -> Result<()> {
-    if !privileged("full_flow_table_evicts_the_least_recently_used_and_new_clients_are_served") {
-        return Ok(());
-    }
-    let s = setup(&["-l", "0.0.0.0:8443", "--max-flows", "3"])?;
-    let b = Balancer::new(&s.t, LB_V4)?;
+    require_root!();
+    let s = setup(standard().listen("0.0.0.0:8443").max_flows(3))?;
+    let b = UdpBalancer::new(&s.t, LB_V4)?;
     let to = mm(HOST_V4);
     let [a, bb, c, d] = [
         "198.51.100.31:1",
@@ -390,12 +293,9 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
 
 #[test]
 fn burst_of_malformed_datagrams_is_dropped_counted_and_the_next_good_one_answered() -> Result<()> {
-    if !privileged("burst_of_malformed_datagrams_is_dropped_counted_and_the_next_good_one_answered")
-    {
-        return Ok(());
-    }
-    let s = setup(&["-l", "0.0.0.0:8443"])?;
-    let b = Balancer::new(&s.t, LB_V4)?;
+    require_root!();
+    let s = setup(standard().listen("0.0.0.0:8443"))?;
+    let b = UdpBalancer::new(&s.t, LB_V4)?;
     let to = mm(HOST_V4);
     let cases = malformed();
     const ROUNDS: usize = 50;
@@ -445,25 +345,25 @@ fn burst_of_malformed_datagrams_is_dropped_counted_and_the_next_good_one_answere
 
 #[test]
 fn go_mmproxy_udp_invocation_works_unchanged_and_sigterm_exits_cleanly() -> Result<()> {
-    if !privileged("go_mmproxy_udp_invocation_works_unchanged_and_sigterm_exits_cleanly") {
-        return Ok(());
-    }
+    require_root!();
     let t = Topology::new()?;
     let echo = UdpEcho::start(&t.host, &["127.0.0.1:25578", "[::1]:25578"])?;
-    let dir = mmproxy_tests::haproxy::TempDir::new("prefixes")?;
+    let dir = TempDir::new("prefixes")?;
     std::fs::write(
         dir.0.join("path-prefixes.txt"),
         format!("{LB_V4}/32\n{LB_V6}/128\n"),
     )?;
-    let script = format!(
-        "cd {} && exec {} -p udp -l 0.0.0.0:25577 -4 127.0.0.1:25578 -6 [::1]:25578 --allowed-subnets ./path-prefixes.txt",
-        dir.0.display(),
-        mmproxy_tests::daemon::binary().display()
-    );
-    let mut d = Daemon::start_command(&t.host, "sh", &["-c", &script])?;
+    // Exactly go-mmproxy's example, run from the directory holding the file.
+    let args = DaemonArgs::udp()
+        .listen("0.0.0.0:25577")
+        .target4("127.0.0.1:25578")
+        .target6("[::1]:25578")
+        .allowed("./path-prefixes.txt");
+    let cd = format!("cd '{}'", dir.0.display());
+    let mut d = Daemon::start_shell(&t.host, &cd, &args)?;
     let to = sa("192.0.2.2:25577");
     // go-mmproxy's example listens on IPv4 only; IPv6 clients arrive over it too.
-    let b = Balancer::new(&t, LB_V4)?;
+    let b = UdpBalancer::new(&t, LB_V4)?;
     for client in ["198.51.100.50:5000", "[2001:db8:c::50]:5000"] {
         b.roundtrip(sa(client), to, b"drop-in")
             .with_context(|| format!("{client}\n{}", d.log_text()))?;
@@ -478,31 +378,18 @@ fn go_mmproxy_udp_invocation_works_unchanged_and_sigterm_exits_cleanly() -> Resu
 #[test]
 fn service_on_a_wildcard_answering_from_another_address_is_relayed_and_other_ports_are_not(
 ) -> Result<()> {
-    if !privileged(
-        "service_on_a_wildcard_answering_from_another_address_is_relayed_and_other_ports_are_not",
-    ) {
-        return Ok(());
-    }
+    require_root!();
     let t = Topology::new()?;
     // Bound to 0.0.0.0: it answers 198.51.100.x from the address routing picks for
     // it (the default route's, 203.0.113.2), not from 127.0.0.1 where it was reached.
     let echo = UdpEcho::start(&t.host, &["0.0.0.0:9001"])?;
-    let d = Daemon::start(
-        &t.host,
-        &[
-            "-p",
-            "udp",
-            "-l",
-            "0.0.0.0:8443",
-            "-4",
-            "127.0.0.1:9001",
-            "--ebpf",
-            "on",
-            "-v",
-            "1",
-        ],
-    )?;
-    let b = Balancer::new(&t, LB_V4)?;
+    let args = DaemonArgs::udp()
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9001")
+        .ebpf(Ebpf::On)
+        .verbose(1);
+    let d = Daemon::start(&t.host, &args)?;
+    let b = UdpBalancer::new(&t, LB_V4)?;
     let client = sa("198.51.100.60:6000");
     let to = mm(HOST_V4);
     b.roundtrip(client, to, b"from anywhere")
@@ -513,7 +400,7 @@ fn service_on_a_wildcard_answering_from_another_address_is_relayed_and_other_por
     // loopback, which the return-path rule delivers locally) is not the service.
     let intruder = t.host.enter(|| UdpSocket::bind("127.0.0.1:0"))??;
     intruder.send_to(b"not the service", client)?;
-    wait_counter(&d, "udp_replies_foreign", 1, WAIT)?;
+    d.wait_counter("udp_replies_foreign", 1, WAIT)?;
     // The balancer's next datagram is the service's answer, not the intruder's.
     b.roundtrip(client, to, b"still the service")?;
     let line = d.stats()?;
@@ -523,14 +410,12 @@ fn service_on_a_wildcard_answering_from_another_address_is_relayed_and_other_por
 
 #[test]
 fn a_burst_of_one_flow_arrives_as_separate_datagrams_in_order_both_ways() -> Result<()> {
-    if !privileged("a_burst_of_one_flow_arrives_as_separate_datagrams_in_order_both_ways") {
-        return Ok(());
-    }
+    require_root!();
     // Equal-sized datagrams sent back to back are what mmproxy hands to the kernel
     // as one segmented (UDP GSO) send, towards the service and back to the
     // balancer: each must still arrive on its own, whole and in order.
-    let s = setup(WILDCARD)?;
-    let b = Balancer::new(&s.t, LB_V4)?;
+    let s = setup(wildcard())?;
+    let b = UdpBalancer::new(&s.t, LB_V4)?;
     let to = mm(HOST_V4);
     let client = sa("198.51.100.30:42000");
     let header = dgram(client, to);

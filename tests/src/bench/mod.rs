@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: mmproxy side by side with go-mmproxy, HAProxy and no proxy,
-//! in network namespaces of its own (shared/notes/design.md, "Test topology";
+//! in network namespaces of its own (the test topology of `topology.rs`;
 //! BENCHMARKS.md has the method and the latest full run).
 //!
 //! Every workload runs for every configuration in turn, round after round, each

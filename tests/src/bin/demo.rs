@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use mmproxy_tests::args::DaemonArgs;
 use mmproxy_tests::client::connect_from;
 use mmproxy_tests::daemon::Daemon;
 use mmproxy_tests::haproxy::{Frontend, Haproxy};
@@ -21,18 +22,11 @@ fn main() -> Result<()> {
     );
     let t = Topology::new()?;
     let echo = EchoServer::start_dual(&t.host, 9000)?;
-    let _d = Daemon::start(
-        &t.host,
-        &[
-            "-l",
-            "0.0.0.0:8443",
-            "-4",
-            "127.0.0.1:9000",
-            "-6",
-            "[::1]:9000",
-        ],
-    )
-    .context("starting mmproxy")?;
+    let args = DaemonArgs::tcp()
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9000")
+        .target6("[::1]:9000");
+    let _d = Daemon::start(&t.host, &args).context("starting mmproxy")?;
 
     let versions = [
         ("v1", "8081", "send-proxy"),
