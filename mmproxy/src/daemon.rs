@@ -96,12 +96,12 @@ pub async fn run(args: Args) -> Result<()> {
 
     let stats_task = spawn_stats_line(args.stats_interval, stats.clone(), kernel.clone());
     signal_loop(signals, &args, &allowed, kernel.as_ref(), &stats).await;
+    monitoring.readiness().set_not_ready("shutting down");
 
     info!(
         "stopping: no new connections; live ones get {:?}",
         args.shutdown_grace
     );
-    monitoring.readiness().set_not_ready("shutting down");
     shutdown.cancel();
     tracker.close();
     if let Some(routes) = routes {

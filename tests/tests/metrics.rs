@@ -5,23 +5,23 @@
 //! endpoint are cut off while proxied traffic keeps flowing.
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mmproxy::proxy_protocol::{encode_v1, Transport, V2Builder};
-use mmproxy_tests::client::{connect_from, counter};
-use mmproxy_tests::daemon::{AllowedFile, Daemon, READY};
+use mmproxy::proxy_protocol::encode_v1;
+use mmproxy_tests::args::{DaemonArgs, Ebpf};
+use mmproxy_tests::balancer::{connect, dgram, UdpBalancer};
+use mmproxy_tests::client::connect_from;
+use mmproxy_tests::daemon::{counter, AllowedFile, Daemon, READY};
 use mmproxy_tests::haproxy::TempDir;
 use mmproxy_tests::netns::{KillOnDrop, Netns};
-use mmproxy_tests::privileged;
 use mmproxy_tests::topology::*;
-use mmproxy_tests::udp_upstream::{answer, UdpEcho};
+use mmproxy_tests::udp_upstream::UdpEcho;
 use mmproxy_tests::upstream::EchoServer;
-
-const WAIT: Duration = Duration::from_secs(10);
+use mmproxy_tests::{require_root, WAIT};
 /// Where mmproxy serves its metrics, inside the `host` namespace.
 const METRICS: &str = "127.0.0.1:9100";
 const MM: &str = "192.0.2.2:8443";
@@ -109,8 +109,7 @@ fn promtool_available(test: &str) -> bool {
 
 /// As the balancer (LB_V4): a PROXY v1 header for `client` to `dst_port`.
 fn balancer(t: &Topology, client: &str, dst_port: u16) -> Result<TcpStream> {
-    let mut c = connect_from(&t.lb, Some(LB_V4), MM, WAIT)??;
-    c.set_read_timeout(Some(WAIT))?;
+    let mut c = connect(t, LB_V4, MM)?;
     c.write_all(&encode_v1(
         client.parse()?,
         format!("{HOST_V4}:{dst_port}").parse()?,
@@ -143,28 +142,36 @@ fn until_closed(c: &mut TcpStream) -> Result<()> {
     }
 }
 
-fn tcp_daemon(t: &Topology, allowed: &AllowedFile, extra: &[&str]) -> Result<Daemon> {
-    let arg = allowed.arg();
-    let mut args = vec![
-        "-l",
-        "0.0.0.0:8443",
-        "-l",
-        "[::]:8443",
-        // No target port: the header's destination port, so one header can aim
-        // at a port nothing listens on.
-        "-4",
-        "127.0.0.1",
-        "-6",
-        "[::1]",
-        "--allowed-subnets",
-        &arg,
-        "--ebpf",
-        "on",
-        "--metrics",
-        METRICS,
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start(&t.host, &args)
+/// The topology, an echo service on port 9000 of both loopbacks, and mmproxy on
+/// port 8443 of both families with `--metrics` on [`METRICS`], the kernel side on
+/// and only the balancer's own addresses allowed. No target port: the header's
+/// destination port is used, so one header can aim at a port nothing listens on.
+struct TcpSetup {
+    daemon: Daemon,
+    _allowed: AllowedFile,
+    _echo: EchoServer,
+    t: Topology,
+}
+
+fn tcp_setup(extra: impl FnOnce(DaemonArgs) -> DaemonArgs) -> Result<TcpSetup> {
+    let t = Topology::new()?;
+    let echo = EchoServer::start_dual(&t.host, 9000)?;
+    let allowed = balancers_only()?;
+    let args = DaemonArgs::tcp()
+        .listen("0.0.0.0:8443")
+        .listen("[::]:8443")
+        .target4("127.0.0.1")
+        .target6("[::1]")
+        .allowed(&allowed)
+        .ebpf(Ebpf::On)
+        .metrics(METRICS);
+    let daemon = Daemon::start(&t.host, &extra(args))?;
+    Ok(TcpSetup {
+        daemon,
+        _allowed: allowed,
+        _echo: echo,
+        t,
+    })
 }
 
 fn balancers_only() -> Result<AllowedFile> {
@@ -173,40 +180,34 @@ fn balancers_only() -> Result<AllowedFile> {
 
 #[test]
 fn tcp_mix_gives_exact_series_that_the_stats_line_agrees_with_and_promtool_accepts() -> Result<()> {
-    if !privileged(
-        "tcp_mix_gives_exact_series_that_the_stats_line_agrees_with_and_promtool_accepts",
-    ) {
-        return Ok(());
-    }
-    let t = Topology::new()?;
-    let _echo = EchoServer::start_dual(&t.host, 9000)?;
-    let allowed = balancers_only()?;
-    let d = tcp_daemon(&t, &allowed, &["--header-timeout", "1"])?;
+    require_root!();
+    let s = tcp_setup(|a| a.header_timeout(1))?;
+    let (t, d) = (&s.t, &s.daemon);
 
     // N = 3 good connections, 1000 + 2000 + 3000 bytes each way.
     for (i, len) in [1000, 2000, 3000].into_iter().enumerate() {
-        proxied(&t, &format!("198.51.100.{}:4000{i}", 10 + i), len)?;
+        proxied(t, &format!("198.51.100.{}:4000{i}", 10 + i), len)?;
     }
     // M = 2 invalid headers, 1 closed inside the header, 1 silent until the timeout.
     for junk in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],
         b"PROXY TCP4 not-an-address\r\n",
     ] {
-        let mut c = connect_from(&t.lb, Some(LB_V4), MM, WAIT)??;
+        let mut c = connect(t, LB_V4, MM)?;
         c.set_read_timeout(Some(WAIT))?;
         c.write_all(junk)?;
         until_closed(&mut c)?;
     }
-    let mut c = connect_from(&t.lb, Some(LB_V4), MM, WAIT)??;
+    let mut c = connect(t, LB_V4, MM)?;
     c.write_all(b"PROXY TCP4 198.51")?;
     c.shutdown(Shutdown::Write)?;
     c.set_read_timeout(Some(WAIT))?;
     until_closed(&mut c)?;
-    let mut c = connect_from(&t.lb, Some(LB_V4), MM, WAIT)??;
+    let mut c = connect(t, LB_V4, MM)?;
     c.set_read_timeout(Some(WAIT))?;
     until_closed(&mut c)?;
     // 1 valid header for a port where nothing listens: the upstream connect fails.
-    let mut c = balancer(&t, "198.51.100.30:5000", 9001)?;
+    let mut c = balancer(t, "198.51.100.30:5000", 9001)?;
     until_closed(&mut c)?;
     // K = 2 proxies outside the allowed subnets, refused by the kernel.
     for (src, dst) in [
@@ -356,65 +357,34 @@ fn tcp_mix_gives_exact_series_that_the_stats_line_agrees_with_and_promtool_accep
 
 #[test]
 fn udp_mix_gives_exact_series() -> Result<()> {
-    if !privileged("udp_mix_gives_exact_series") {
-        return Ok(());
-    }
+    require_root!();
     let t = Topology::new()?;
     let _echo = UdpEcho::start_dual(&t.host, 9000)?;
     let allowed = balancers_only()?;
-    let arg = allowed.arg();
     let _d = Daemon::start(
         &t.host,
-        &[
-            "-p",
-            "udp",
-            "-l",
-            "0.0.0.0:8443",
-            "-4",
-            "127.0.0.1:9000",
-            "-6",
-            "[::1]:9000",
-            "--allowed-subnets",
-            &arg,
-            "--ebpf",
-            "on",
-            "--max-flows",
-            "100",
-            "--metrics",
-            METRICS,
-        ],
+        &DaemonArgs::udp()
+            .listen("0.0.0.0:8443")
+            .target4("127.0.0.1:9000")
+            .target6("[::1]:9000")
+            .allowed(&allowed)
+            .ebpf(Ebpf::On)
+            .max_flows(100)
+            .metrics(METRICS),
     )?;
     let mm: SocketAddr = MM.parse()?;
-    let lb_bind: SocketAddr = format!("{LB_V4}:0").parse()?;
-    let lb = t.lb.enter(move || UdpSocket::bind(lb_bind))??;
-    lb.set_read_timeout(Some(WAIT))?;
+    let lb = UdpBalancer::new(&t, LB_V4)?;
 
     // U = 5 good datagrams from two clients (two flows), each answered.
     let clients: [SocketAddr; 2] = ["198.51.100.40:6000".parse()?, "198.51.100.41:6001".parse()?];
     for i in 0..5 {
-        let client = clients[i % 2];
-        let header = V2Builder::proxy(client, mm)
-            .transport(Transport::Dgram)
-            .build()?;
-        let payload = format!("datagram {i}");
-        lb.send_to(&[&header[..], payload.as_bytes()].concat(), mm)?;
-        let mut buf = [0u8; 2048];
-        let (n, _) = lb.recv_from(&mut buf).context("no answer")?;
-        ensure!(
-            buf.get(..n) == Some(&answer(client, payload.as_bytes())[..]),
-            "answer {i}"
-        );
+        lb.roundtrip(clients[i % 2], mm, format!("datagram {i}").as_bytes())?;
     }
     // 2 malformed: a v1 header (UDP takes v2 DGRAM only) and junk.
-    lb.send_to(&encode_v1(clients[0], mm), mm)?;
-    lb.send_to(b"no header at all", mm)?;
+    lb.send(&encode_v1(clients[0], mm), b"", mm)?;
+    lb.send(b"no header at all", b"", mm)?;
     // 1 from a proxy outside the allowed subnets: dropped by sk_lookup.
-    let other_bind: SocketAddr = format!("{LB_OTHER_V4}:0").parse()?;
-    let other = t.lb.enter(move || UdpSocket::bind(other_bind))??;
-    let header = V2Builder::proxy(clients[0], mm)
-        .transport(Transport::Dgram)
-        .build()?;
-    other.send_to(&[&header[..], b"refused"].concat(), mm)?;
+    UdpBalancer::new(&t, LB_OTHER_V4)?.send(&dgram(clients[0], mm), b"refused", mm)?;
 
     let _ = wait_series(&t.host, "mmproxy_udp_datagrams_received_total", 7.0)?;
     let s = wait_series(
@@ -457,17 +427,14 @@ fn udp_mix_gives_exact_series() -> Result<()> {
 
 #[test]
 fn a_real_prometheus_server_scrapes_mmproxy_and_answers_a_query() -> Result<()> {
-    if !privileged("a_real_prometheus_server_scrapes_mmproxy_and_answers_a_query")
-        || !promtool_available("a_real_prometheus_server_scrapes_mmproxy_and_answers_a_query")
-    {
+    require_root!();
+    if !promtool_available("a_real_prometheus_server_scrapes_mmproxy_and_answers_a_query") {
         return Ok(());
     }
-    let t = Topology::new()?;
-    let _echo = EchoServer::start_dual(&t.host, 9000)?;
-    let allowed = balancers_only()?;
-    let _d = tcp_daemon(&t, &allowed, &[])?;
+    let s = tcp_setup(|a| a)?;
+    let t = &s.t;
     for i in 0..4 {
-        proxied(&t, &format!("198.51.100.50:700{i}"), 100)?;
+        proxied(t, &format!("198.51.100.50:700{i}"), 100)?;
     }
 
     let dir = TempDir::new("prometheus")?;
@@ -526,9 +493,7 @@ fn a_real_prometheus_server_scrapes_mmproxy_and_answers_a_query() -> Result<()> 
 
 #[test]
 fn readyz_follows_start_up_and_shutdown_grace_and_healthz_answers_throughout() -> Result<()> {
-    if !privileged("readyz_follows_start_up_and_shutdown_grace_and_healthz_answers_throughout") {
-        return Ok(());
-    }
+    require_root!();
     let t = Topology::new()?;
     let _echo = EchoServer::start_dual(&t.host, 9000)?;
     // The allow-list is a FIFO: start-up waits on it, with the endpoint already up,
@@ -537,23 +502,15 @@ fn readyz_follows_start_up_and_shutdown_grace_and_healthz_answers_throughout() -
     let fifo = dir.0.join("allowed.txt");
     let status = Command::new("mkfifo").arg(&fifo).status()?;
     ensure!(status.success(), "mkfifo failed");
-    let fifo_arg = fifo.to_string_lossy().into_owned();
     let mut d = Daemon::spawn(
         &t.host,
-        &[
-            "-l",
-            "0.0.0.0:8443",
-            "-4",
-            "127.0.0.1:9000",
-            "-6",
-            "[::1]:9000",
-            "--allowed-subnets",
-            &fifo_arg,
-            "--metrics",
-            METRICS,
-            "--shutdown-grace",
-            "4",
-        ],
+        &DaemonArgs::tcp()
+            .listen("0.0.0.0:8443")
+            .target4("127.0.0.1:9000")
+            .target6("[::1]:9000")
+            .allowed(&fifo)
+            .metrics(METRICS)
+            .shutdown_grace(4),
     )?;
     d.wait_for("metrics: http://", WAIT)
         .with_context(|| d.log_text())?;
@@ -610,15 +567,9 @@ fn readyz_follows_start_up_and_shutdown_grace_and_healthz_answers_throughout() -
 
 #[test]
 fn silent_and_junk_sending_metrics_clients_are_cut_off_while_proxied_traffic_flows() -> Result<()> {
-    if !privileged(
-        "silent_and_junk_sending_metrics_clients_are_cut_off_while_proxied_traffic_flows",
-    ) {
-        return Ok(());
-    }
-    let t = Topology::new()?;
-    let _echo = EchoServer::start_dual(&t.host, 9000)?;
-    let allowed = balancers_only()?;
-    let _d = tcp_daemon(&t, &allowed, &[])?;
+    require_root!();
+    let s = tcp_setup(|a| a)?;
+    let t = &s.t;
 
     // Proxied round trips for `window`: (count, slowest).
     let traffic = |window: Duration| -> Result<(u32, Duration)> {
@@ -626,7 +577,7 @@ fn silent_and_junk_sending_metrics_clients_are_cut_off_while_proxied_traffic_flo
         let end = Instant::now() + window;
         while Instant::now() < end {
             let start = Instant::now();
-            proxied(&t, &format!("198.51.100.70:{}", 10_000 + n), 512)?;
+            proxied(t, &format!("198.51.100.70:{}", 10_000 + n), 512)?;
             slowest = slowest.max(start.elapsed());
             n += 1;
         }
