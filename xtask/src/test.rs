@@ -4,7 +4,7 @@ use std::process::Command;
 use anyhow::Result;
 
 use crate::compile::{self, host_env};
-use crate::util::{cargo, output, root, run, step, succeeds};
+use crate::util::{cargo, output, run, step, succeeds};
 
 /// Prefix of every network namespace the end-to-end tests create (tests/src/netns.rs).
 const NETNS_PREFIX: &str = "mmpt-";
@@ -16,13 +16,17 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
     step("promtool: the example alert rules parse and fire as their tests say");
-    let rules = root().join("packaging/prometheus");
-    run(Command::new("promtool")
-        .args(["check", "rules", "mmproxy-alerts.yml"])
-        .current_dir(&rules))?;
-    run(Command::new("promtool")
-        .args(["test", "rules", "mmproxy-alerts.test.yml"])
-        .current_dir(&rules))?;
+    // Paths from the workspace root, where `run` starts every command.
+    run(Command::new("promtool").args([
+        "check",
+        "rules",
+        "packaging/prometheus/mmproxy-alerts.yml",
+    ]))?;
+    run(Command::new("promtool").args([
+        "test",
+        "rules",
+        "packaging/prometheus/mmproxy-alerts.test.yml",
+    ]))?;
 
     step("cargo clippy -D warnings (host crates)");
     run(host_env(cargo().args([
