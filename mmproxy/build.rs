@@ -28,10 +28,12 @@ fn main() {
     } else {
         "BPF object embedded"
     };
+    let commit = git_commit(&manifest);
+    // Also a label of `mmproxy_build_info` (--metrics).
+    println!("cargo::rustc-env=MMPROXY_COMMIT={commit}");
     println!(
-        "cargo::rustc-env=MMPROXY_VERSION={} (commit {}, {bpf})",
+        "cargo::rustc-env=MMPROXY_VERSION={} (commit {commit}, {bpf})",
         env::var("CARGO_PKG_VERSION").unwrap_or_default(),
-        git_commit(&manifest)
     );
     // Only rewrite when different, so an unchanged object does not relink the daemon.
     if fs::read(&out).ok().as_deref() != Some(&bytes[..]) {

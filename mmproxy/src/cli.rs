@@ -129,6 +129,11 @@ pub struct Args {
     /// Seconds between statistics log lines (0: never)
     #[arg(long = "stats-interval", value_name = "SECONDS", default_value = "60", value_parser = parse_duration)]
     pub stats_interval: Duration,
+
+    /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address
+    /// (off by default)
+    #[arg(long = "metrics", value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The clap definition of the command line, for the man page and the shell
@@ -363,6 +368,21 @@ mod tests {
         assert_eq!(a.listeners, 1);
         assert_eq!(a.mark, 0);
         assert_eq!(a.verbose, 0);
+        assert_eq!(a.metrics, None);
+    }
+
+    #[test]
+    fn metrics_takes_an_address_and_port() {
+        let a = parse(&["--metrics", "127.0.0.1:9100"]);
+        assert_eq!(a.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        let a = parse(&["--metrics=[::1]:9100"]);
+        assert_eq!(a.metrics, Some("[::1]:9100".parse().unwrap()));
+        for bad in ["9100", "localhost:9100", "127.0.0.1"] {
+            assert!(
+                Args::try_from_iter(["mmproxy", "--metrics", bad]).is_err(),
+                "{bad} was accepted"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::allowed_subnets::{AllowList, SharedAllowList};
 use crate::cli::{Args, EbpfMode, Protocol};
 use crate::ebpf::{self, FlowRegistry, KernelOptions, KernelSide};
+use crate::metrics::Monitoring;
 use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
 use crate::tcp::{self, TcpContext};
@@ -26,6 +27,7 @@ use crate::udp;
 pub async fn run(args: Args) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
+    let monitoring = Monitoring::start(&args, stats.clone()).await?;
 
     let (allowed, warnings) = SharedAllowList::from_file(args.allowed_subnets.as_deref())?;
     for w in warnings {
@@ -40,6 +42,7 @@ pub async fn run(args: Args) -> Result<()> {
         Bound::Tcp(groups) => start_kernel_side(&args, &allowed, groups).await?,
         Bound::Udp(groups) => start_kernel_side(&args, &allowed, groups).await?,
     };
+    monitoring.kernel(kernel.as_ref());
     let steering = kernel
         .as_ref()
         .map(lock)
@@ -77,6 +80,7 @@ pub async fn run(args: Args) -> Result<()> {
         // wildcard listen range is not taken for a proxy's datagram.
         Bound::Udp(groups) => serving.udp(groups, kernel.as_ref().map(lock).map(|k| k.flows()))?,
     };
+    monitoring.readiness().set_ready();
     info!(
         listen = %listening.join(","),
         ebpf = kernel.is_some(),
@@ -87,6 +91,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     let stats_task = spawn_stats_line(args.stats_interval, stats.clone(), kernel.clone());
     signal_loop(signals, &args, &allowed, kernel.as_ref(), &stats).await;
+    monitoring.readiness().set_not_ready("shutting down");
 
     info!(
         "stopping: no new connections; live ones get {:?}",
@@ -118,6 +123,7 @@ pub async fn run(args: Args) -> Result<()> {
         );
     }
     stats_task.abort();
+    monitoring.stop().await;
     info!("stopped; {}", stats.render());
     Ok(())
 }

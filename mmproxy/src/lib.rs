@@ -13,6 +13,7 @@ pub mod cli;
 pub mod daemon;
 pub mod ebpf;
 pub mod logging;
+pub mod metrics;
 pub mod netns_lease;
 pub mod notify;
 pub mod proxy_protocol;

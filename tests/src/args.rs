@@ -119,6 +119,16 @@ impl DaemonArgs {
         self.flag("--max-flows", n)
     }
 
+    /// `--shutdown-grace` in seconds.
+    pub fn shutdown_grace(self, seconds: u32) -> Self {
+        self.flag("--shutdown-grace", seconds)
+    }
+
+    /// `--metrics`: where the HTTP endpoint listens.
+    pub fn metrics(self, addr: impl Display) -> Self {
+        self.flag("--metrics", addr)
+    }
+
     /// `--return-interface` (repeatable).
     pub fn return_interface(self, iface: &str) -> Self {
         self.flag("--return-interface", iface)

@@ -27,6 +27,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "openssl",
         "a TLS client and certificate for HAProxy's SSL TLVs",
     ),
+    (
+        "prometheus",
+        "promtool checks the alert rules and a scrape; a real server scrapes mmproxy",
+    ),
     ("lintian", "checks the .deb that `cargo xtask dist` builds"),
     ("systemd", "systemd-analyze verifies and scores the units"),
 ];

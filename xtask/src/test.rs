@@ -15,6 +15,19 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
+    step("promtool: the example alert rules parse and fire as their tests say");
+    // Paths from the workspace root, where `run` starts every command.
+    run(Command::new("promtool").args([
+        "check",
+        "rules",
+        "packaging/prometheus/mmproxy-alerts.yml",
+    ]))?;
+    run(Command::new("promtool").args([
+        "test",
+        "rules",
+        "packaging/prometheus/mmproxy-alerts.test.yml",
+    ]))?;
+
     step("cargo clippy -D warnings (host crates)");
     run(host_env(cargo().args([
         "clippy",

@@ -147,6 +147,8 @@ pub struct KernelSide {
     flows: Arc<KernelFlows>,
     /// tc programs are attached: answers of registered flows are steered.
     return_steering: bool,
+    /// (program, attached) for every program of the object, for the metrics.
+    attached: [(&'static str, bool); 3],
     /// lo's accept_local is on for this process (restored by the last one out).
     accept_local: Option<AcceptLocal>,
     logger: Option<tokio::task::JoinHandle<()>>,
@@ -250,6 +252,18 @@ impl KernelSide {
             listeners,
             flows: KernelFlows::new(flows_map, flow_capacity),
             return_steering: !opts.return_path.is_empty(),
+            // Loading fails unless every program asked for is attached.
+            attached: [
+                (program_names::SK_LOOKUP, true),
+                (
+                    program_names::TC_EGRESS,
+                    !opts.return_path.egress.is_empty(),
+                ),
+                (
+                    program_names::TC_INGRESS,
+                    !opts.return_path.ingress.is_empty(),
+                ),
+            ],
             accept_local,
             logger,
             _ebpf: ebpf,
@@ -360,6 +374,11 @@ impl KernelSide {
         self.listeners
             .set(index, socket, 0)
             .map_err(|source| map_err(map_names::LISTENERS, source))
+    }
+
+    /// (program, attached) for every program of the BPF object.
+    pub fn attached_programs(&self) -> Vec<(&'static str, bool)> {
+        self.attached.to_vec()
     }
 
     /// Kernel counters summed over CPUs, with their names.
