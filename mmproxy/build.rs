@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs};
 
-fn main() {
+fn main() -> std::io::Result<()> {
     println!("cargo::rustc-check-cfg=cfg(mmproxy_bpf_object)");
     println!("cargo::rerun-if-env-changed=MMPROXY_BPF_OBJECT");
 
@@ -37,10 +37,11 @@ fn main() {
     );
     // Only rewrite when different, so an unchanged object does not relink the daemon.
     if fs::read(&out).ok().as_deref() != Some(&bytes[..]) {
-        if let Err(e) = fs::write(&out, &bytes) {
-            panic!("writing {}: {e}", out.display());
-        }
+        fs::write(&out, &bytes).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("writing {}: {e}", out.display()))
+        })?;
     }
+    Ok(())
 }
 
 /// The commit being built: `MMPROXY_GIT_COMMIT` (for builds from a tarball that

@@ -5,6 +5,10 @@
 //! (UTF-8 of AUTHORITY and the SSL strings, SSL structure, UNIQUE_ID length) at decode
 //! time and walks them again. ppp does not verify CRC32C; mmproxy does, so the TLV case
 //! is also measured without a CRC32C TLV to show what the checksum costs.
+// A benchmark stops at the first bad input, like a test: the crate's production lints
+// (no unwrap, no panic) do not apply to it.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 

@@ -461,7 +461,6 @@ impl Drop for Outgoing<'_, '_> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use std::net::UdpSocket;

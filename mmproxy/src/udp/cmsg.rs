@@ -243,7 +243,6 @@ pub fn write_udp_segment(buf: &mut [u8], size: u16) -> usize {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

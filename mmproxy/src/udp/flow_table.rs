@@ -222,7 +222,6 @@ impl<K: Hash + Eq + Copy, V> FlowTable<K, V> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use std::cell::Cell;

@@ -60,7 +60,6 @@ pub fn from_std(addr: SocketAddr, storage: &mut libc::sockaddr_storage) -> libc:
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

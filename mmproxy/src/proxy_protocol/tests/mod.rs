@@ -1,10 +1,4 @@
 //! Named cases from the spec summary, streaming behaviour and property tests.
-#![allow(
-    clippy::indexing_slicing,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic
-)]
 
 mod props;
 mod streaming;
