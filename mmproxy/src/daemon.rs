@@ -100,16 +100,9 @@ pub async fn run(args: Args) -> Result<()> {
     crate::notify::stopping();
     shutdown.cancel();
     tracker.close();
-    if let Some(routes) = routes {
-        match routes.remove().await {
-            Ok(report) => info!("return-path routing: {report}"),
-            Err(e) => error!(
-                error = &e as &dyn std::error::Error,
-                "return-path routing not fully removed"
-            ),
-        }
-    }
-    drop(kernel);
+    // Live connections and flows still need the return path: their answers come
+    // back through the routing rules and the tc programs. Both go only once the
+    // connections have ended or the grace period is over.
     if tokio::time::timeout(args.shutdown_grace, tracker.wait())
         .await
         .is_err()
@@ -122,6 +115,16 @@ pub async fn run(args: Args) -> Result<()> {
                 .load(std::sync::atomic::Ordering::Relaxed)
         );
     }
+    if let Some(routes) = routes {
+        match routes.remove().await {
+            Ok(report) => info!("return-path routing: {report}"),
+            Err(e) => error!(
+                error = &e as &dyn std::error::Error,
+                "return-path routing not fully removed"
+            ),
+        }
+    }
+    drop(kernel);
     stats_task.abort();
     monitoring.stop().await;
     info!("stopped; {}", stats.render());

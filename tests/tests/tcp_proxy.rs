@@ -32,6 +32,7 @@ tests_per_mode!(
     upstream_down_closes_the_client_promptly_and_counts,
     descriptor_pressure_does_not_stop_the_daemon,
     sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicates,
+    live_connections_keep_flowing_during_the_shutdown_grace,
     go_mmproxy_readme_invocation_works_unchanged,
 );
 
@@ -521,6 +522,34 @@ fn sigterm_exits_zero_and_restores_routing_and_sigkill_restart_adds_no_duplicate
     roundtrip(&mut c, b"after restart")?;
     assert_eq!(echo.next_peer(WAIT)?, "198.51.100.90:7300".parse()?);
     drop(d);
+    Ok(())
+}
+
+/// SIGTERM stops accepting but lets live connections finish: their answers must still
+/// come back (the return-path routing stays until they end), and the daemon exits as
+/// soon as the last one closes rather than at the end of the grace period.
+fn live_connections_keep_flowing_during_the_shutdown_grace(mode: Mode) -> Result<()> {
+    let s = setup(standard(mode).shutdown_grace(300))?;
+    let mut c = proxied(&s.t, LB_V4, MM, "198.51.100.95:7350")?;
+    roundtrip(&mut c, b"before SIGTERM")?;
+    let mut d = s.daemon;
+    d.signal(libc::SIGTERM);
+    d.wait_for("stopping", WAIT)?;
+    roundtrip(&mut c, b"during the grace period")
+        .context("a live connection's answers were lost after SIGTERM")?;
+    ensure!(
+        connect(&s.t, LB_V4, MM).is_err(),
+        "a new connection was accepted after SIGTERM"
+    );
+    drop(c);
+    // Well inside the 300 s grace: the daemon leaves once its last connection ended.
+    let status = d.wait_exit(WAIT)?;
+    ensure!(status.success(), "exit status {status}");
+    let after = s.t.host.rules_and_routes()?;
+    ensure!(
+        !after.contains("proto 109"),
+        "routing not removed after the last connection ended:\n{after}"
+    );
     Ok(())
 }
 
