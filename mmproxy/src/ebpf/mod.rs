@@ -97,7 +97,7 @@ impl EbpfError {
         // EPERM is a missing capability; EACCES from BPF_PROG_LOAD is the verifier.
         let mut errnos = os_errors(self).filter_map(|e| e.raw_os_error());
         if errnos.any(|n| n == libc::EPERM) {
-            "needs CAP_BPF and CAP_NET_ADMIN (or root)"
+            "needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root)"
         } else if matches!(self, EbpfError::Program { .. })
             && causes(self).any(|e| e.to_string().contains("Verifier output"))
         {
