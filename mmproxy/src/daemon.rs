@@ -177,7 +177,7 @@ impl Serving<'_> {
         flows: Option<Arc<dyn FlowRegistry>>,
     ) -> Result<Vec<String>> {
         let mut ctx = TcpContext::from_args(self.args, self.stats.clone());
-        ctx.flows = flows;
+        ctx.upstream.flows = flows;
         let ctx = Arc::new(ctx);
         let limits = Arc::new(Semaphore::new(self.args.max_connections));
         let mut listening = Vec::new();
@@ -205,7 +205,7 @@ impl Serving<'_> {
     ) -> Result<Vec<String>> {
         udp::raise_nofile_limit(self.args.max_flows);
         let mut ctx = udp::UdpContext::from_args(self.args, self.stats.clone());
-        ctx.flows = flows;
+        ctx.upstream.flows = flows;
         let ctx = Arc::new(ctx);
         let mut listening = Vec::new();
         for socket in groups.into_iter().flatten() {

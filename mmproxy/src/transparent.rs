@@ -7,15 +7,45 @@
 //! for the errors operators meet while setting up (one table, [`hint`]).
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::addr::{canonical, ClientAddr, ProxyAddr, UpstreamAddr};
 use crate::cli::{Args, TargetSpec};
-use crate::ebpf::FlowProtocol;
+use crate::ebpf::{FlowProtocol, FlowRegistry};
 use crate::proxy_protocol::Endpoints;
 use crate::sockopt;
+
+/// Where every flow of a proxy goes, and who is told about it: the part the TCP and
+/// UDP contexts share.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub targets: Targets,
+    /// When the kernel side steers return traffic: every transparent upstream socket
+    /// is registered here after bind and before its first packet leaves, for as long
+    /// as its flow lives (ARCHITECTURE.md, step 6).
+    pub flows: Option<Arc<dyn FlowRegistry>>,
+}
+
+impl Upstream {
+    pub fn from_args(args: &Args) -> Self {
+        Upstream {
+            targets: Targets::from_args(args),
+            flows: None,
+        }
+    }
+
+    /// Loopback targets and no kernel side, for tests.
+    #[cfg(test)]
+    pub fn loopback(port4: Option<u16>, port6: Option<u16>) -> Self {
+        Upstream {
+            targets: Targets::loopback(port4, port6),
+            flows: None,
+        }
+    }
+}
 
 /// The `-4` and `-6` targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -226,22 +226,22 @@ impl ErrorLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy_protocol::DecodeOptions;
     use crate::tcp::ConnectOptions;
-    use crate::transparent::Targets;
+    use crate::transparent::Upstream;
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn ctx(target_port: u16) -> Arc<TcpContext> {
         Arc::new(TcpContext {
-            targets: Targets::loopback(Some(target_port), Some(target_port)),
-            upstream: ConnectOptions {
+            upstream: Upstream::loopback(Some(target_port), Some(target_port)),
+            connect: ConnectOptions {
                 mark: 0,
                 connect_timeout: Duration::from_secs(2),
             },
             header_timeout: Duration::from_secs(2),
-            max_header_len: 4096,
+            header: DecodeOptions::stream().with_max_header_len(4096),
             stats: Arc::new(Stats::default()),
-            flows: None,
         })
     }
 

@@ -53,13 +53,13 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
     });
     debug!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to, "header received");
 
-    let connected = match &ctx.flows {
-        Some(flows) => connect::connect_then(from, to, &ctx.upstream, |local| {
+    let connected = match &ctx.upstream.flows {
+        Some(flows) => connect::connect_then(from, to, &ctx.connect, |local| {
             register_flow(flows, local, to, proxy)
         })
         .await
         .map(|(s, reg)| (s, reg.flatten())),
-        None => connect::connect(from, to, &ctx.upstream)
+        None => connect::connect(from, to, &ctx.connect)
             .await
             .map(|s| (s, None)),
     };
@@ -123,7 +123,8 @@ fn choose_target(
     proxy: ProxyAddr,
     ctx: &TcpContext,
 ) -> io::Result<(Option<ClientAddr>, UpstreamAddr)> {
-    ctx.targets
+    ctx.upstream
+        .targets
         .choose(endpoints, proxy, || conn.local_addr().map(|a| a.port()))
 }
 
@@ -147,9 +148,9 @@ impl Drop for Gauge<'_> {
 mod tests {
     use super::*;
     use crate::addr::OrigDstAddr;
-    use crate::proxy_protocol;
+    use crate::proxy_protocol::DecodeOptions;
     use crate::tcp::ConnectOptions;
-    use crate::transparent::Targets;
+    use crate::transparent::Upstream;
     use std::net::IpAddr;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
@@ -166,15 +167,14 @@ mod tests {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = upstream.local_addr().unwrap().port();
         let ctx = Arc::new(TcpContext {
-            targets: Targets::loopback(Some(port), Some(port)),
-            upstream: ConnectOptions {
+            upstream: Upstream::loopback(Some(port), Some(port)),
+            connect: ConnectOptions {
                 mark: 0,
                 connect_timeout: Duration::from_secs(2),
             },
             header_timeout,
-            max_header_len: proxy_protocol::DEFAULT_MAX_HEADER_LEN,
+            header: DecodeOptions::stream(),
             stats: Arc::new(Stats::default()),
-            flows: None,
         });
         World { ctx, upstream }
     }
@@ -333,7 +333,7 @@ mod tests {
         rt.block_on(async {
             let mut w = world(Duration::from_secs(1)).await;
             let ctx = Arc::get_mut(&mut w.ctx).unwrap();
-            ctx.targets.v4.port = None;
+            ctx.upstream.targets.v4.port = None;
             let (c, _task) = connect(&w.ctx).await;
             let proxied = |client: &str| Endpoints::Proxied {
                 client: ClientAddr(client.parse().unwrap()),

@@ -64,7 +64,7 @@ pub(super) async fn read_header(
     conn: &mut TcpStream,
     ctx: &TcpContext,
 ) -> Result<(Endpoints, Vec<u8>), Rejection> {
-    let opts = ctx.decode_options();
+    let opts = ctx.header;
     let mut buf = vec![0u8; ctx.header_buf_len()];
     let mut filled = 0;
     loop {
@@ -73,7 +73,7 @@ pub(super) async fn read_header(
             // this only guards against that promise being broken.
             return Err(Rejection::Invalid(Invalid::TooLong {
                 len: filled,
-                max: ctx.max_header_len,
+                max: ctx.header.max_header_len,
             }));
         };
         let n = conn.read(free).await.map_err(Rejection::Io)?;

@@ -15,10 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cli::Args;
-use crate::ebpf::FlowRegistry;
-use crate::proxy_protocol::{self, DecodeOptions, Expect};
+use crate::proxy_protocol::{self, DecodeOptions};
 use crate::stats::Stats;
-use crate::transparent::Targets;
+use crate::transparent::Upstream;
 
 pub use accept::{bind_tcp, serve_tcp, spawn_tcp};
 pub use connect::ConnectOptions;
@@ -27,42 +26,31 @@ pub use connection::handle;
 /// Everything a connection needs, shared by all connections of all TCP listeners.
 #[derive(Debug)]
 pub struct TcpContext {
-    pub targets: Targets,
-    pub upstream: ConnectOptions,
+    pub upstream: Upstream,
+    pub connect: ConnectOptions,
     /// Bound on receiving the whole header, however it is split.
     pub header_timeout: Duration,
-    /// Largest v2 header accepted; also the size of the per-connection header buffer.
-    pub max_header_len: usize,
+    /// The decoder's limits; `max_header_len` also sizes the per-connection buffer.
+    pub header: DecodeOptions,
     pub stats: Arc<Stats>,
-    /// When the kernel side steers return traffic: every transparent upstream
-    /// connection is registered here before its SYN leaves, for as long as it lives.
-    pub flows: Option<Arc<dyn FlowRegistry>>,
 }
 
 impl TcpContext {
     pub fn from_args(args: &Args, stats: Arc<Stats>) -> Self {
         TcpContext {
-            targets: Targets::from_args(args),
-            upstream: ConnectOptions {
+            upstream: Upstream::from_args(args),
+            connect: ConnectOptions {
                 mark: args.mark,
                 connect_timeout: args.connect_timeout,
             },
             header_timeout: args.header_timeout,
-            max_header_len: args.max_header_len,
+            header: DecodeOptions::stream().with_max_header_len(args.max_header_len),
             stats,
-            flows: None,
-        }
-    }
-
-    fn decode_options(&self) -> DecodeOptions {
-        DecodeOptions {
-            max_header_len: self.max_header_len,
-            transport: Expect::Stream,
         }
     }
 
     /// The buffer must hold any acceptable header, v1 lines included.
     fn header_buf_len(&self) -> usize {
-        self.max_header_len.max(proxy_protocol::V1_MAX_LEN)
+        self.header.max_header_len.max(proxy_protocol::V1_MAX_LEN)
     }
 }

@@ -89,7 +89,7 @@ pub(super) fn open_flow(
     };
     // Unconnected, so never a port shared with other upstreams: chosen at bind.
     let socket = upstream.open(id.client, target, PortChoice::AtBind, |_| Ok(()))?;
-    let registration = match (&ctx.flows, id.client) {
+    let registration = match (&ctx.upstream.flows, id.client) {
         (Some(flows), Some(client)) => register(flows, &socket, client, target, log, now),
         _ => None,
     };

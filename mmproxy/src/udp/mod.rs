@@ -55,10 +55,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cli::Args;
-use crate::ebpf::FlowRegistry;
-use crate::proxy_protocol::{DecodeOptions, Expect};
+use crate::proxy_protocol::DecodeOptions;
 use crate::stats::Stats;
-use crate::transparent::Targets;
+use crate::transparent::Upstream;
 
 pub use cmsg::LocalDst;
 pub use flow_table::FlowTable;
@@ -71,20 +70,16 @@ const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// Everything the UDP listeners and flows share (read-only).
 #[derive(Debug)]
 pub struct UdpContext {
-    pub targets: Targets,
+    pub upstream: Upstream,
     /// SO_MARK for transparent upstream sockets; 0 leaves the mark alone.
     pub mark: u32,
     /// `--close-after`: flows idle this long in both directions are closed.
     pub idle: Duration,
     /// Flow table size of each listening socket (`--max-flows` split between them).
     pub flows_per_listener: usize,
-    /// Largest v2 header accepted.
-    pub max_header_len: usize,
+    /// The decoder's limits (v2 DGRAM only).
+    pub header: DecodeOptions,
     pub stats: Arc<Stats>,
-    /// When the kernel side steers return traffic: every flow is registered here
-    /// before its first datagram leaves, for as long as it lives, so answers of a
-    /// service that is not on loopback (or bound to a wildcard) find their way back.
-    pub flows: Option<Arc<dyn FlowRegistry>>,
     clock: Clock,
 }
 
@@ -96,22 +91,14 @@ impl UdpContext {
             .saturating_mul(usize::from(args.listeners))
             .max(1);
         UdpContext {
-            targets: Targets::from_args(args),
+            upstream: Upstream::from_args(args),
             mark: args.mark,
             // Zero would close every flow before its answer: one second is the least.
             idle: Duration::from_secs(args.close_after.max(1)),
             flows_per_listener: (args.max_flows / sockets).max(1),
-            max_header_len: args.max_header_len,
+            header: DecodeOptions::datagram().with_max_header_len(args.max_header_len),
             stats,
-            flows: None,
             clock: Clock::new(),
-        }
-    }
-
-    fn decode_options(&self) -> DecodeOptions {
-        DecodeOptions {
-            max_header_len: self.max_header_len,
-            transport: Expect::Datagram,
         }
     }
 

@@ -211,6 +211,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
         let sent_to_port = d.orig_dst.map_or(self.local_port, |a| a.port());
         let Ok((client, target)) =
             self.ctx
+                .upstream
                 .targets
                 .choose(admitted.endpoints, admitted.proxy, || {
                     Ok::<_, Infallible>(sent_to_port)
@@ -244,7 +245,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             }
             return None;
         }
-        match decode_datagram(d, &self.ctx.decode_options()) {
+        match decode_datagram(d, &self.ctx.header) {
             Ok((endpoints, payload)) => Some(Admitted {
                 source,
                 proxy,
@@ -473,19 +474,19 @@ impl Dropped {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy_protocol::DecodeOptions;
     use crate::proxy_protocol::V2Builder;
-    use crate::transparent::Targets;
+    use crate::transparent::Upstream;
     use std::time::Instant;
 
     fn ctx(port: u16) -> UdpContext {
         UdpContext {
-            targets: Targets::loopback(Some(port), Some(port)),
+            upstream: Upstream::loopback(Some(port), Some(port)),
             mark: 0,
             idle: Duration::from_secs(1),
             flows_per_listener: 4,
-            max_header_len: proxy_protocol::DEFAULT_MAX_HEADER_LEN,
+            header: DecodeOptions::datagram(),
             stats: Arc::new(Stats::default()),
-            flows: None,
             clock: super::super::Clock::new(),
         }
     }
