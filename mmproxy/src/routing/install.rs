@@ -9,7 +9,7 @@ use std::time::Duration;
 use rtnetlink::Handle;
 
 use super::netlink::{self, Existing, Kind};
-use super::plan::{Family, Item, RoutingPlan};
+use super::plan::{IpFamily, Item, RoutingPlan};
 use super::RoutingError;
 use crate::netns_lease::{LeaseError, LeaseFile, Lock, NetnsDir, DEFAULT_LOCK_DIR};
 
@@ -119,7 +119,7 @@ impl InstalledRoutes {
         let mut failures = Vec::new();
         // Rules first: no rule may point at a table being emptied.
         for kind in [Kind::Rule, Kind::Route] {
-            for family in [Family::V4, Family::V6] {
+            for family in [IpFamily::V4, IpFamily::V6] {
                 let entries = match netlink::dump(handle, kind, family).await {
                     Ok(entries) => entries,
                     Err(e) if netlink::is_af_unsupported(&e) => continue,
@@ -270,13 +270,13 @@ async fn install_with(
     let mut existing = Vec::new();
     let mut v6_disabled = false;
     for kind in [Kind::Rule, Kind::Route] {
-        for family in [Family::V4, Family::V6] {
-            if family == Family::V6 && v6_disabled {
+        for family in [IpFamily::V4, IpFamily::V6] {
+            if family == IpFamily::V6 && v6_disabled {
                 continue;
             }
             match netlink::dump(handle, kind, family).await {
                 Ok(entries) => existing.extend(entries),
-                Err(e) if family == Family::V6 && netlink::is_af_unsupported(&e) => {
+                Err(e) if family == IpFamily::V6 && netlink::is_af_unsupported(&e) => {
                     v6_disabled = true
                 }
                 Err(e) => return Err(e),
@@ -285,7 +285,7 @@ async fn install_with(
     }
 
     for item in items {
-        let v6 = item.family() == Family::V6;
+        let v6 = item.family() == IpFamily::V6;
         if v6 && v6_disabled {
             out.entries.push((item, Outcome::Skipped(IPV6_DISABLED)));
             continue;

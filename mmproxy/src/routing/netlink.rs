@@ -14,7 +14,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
-use super::plan::{Family, Item, RouteSpec, RuleSpec, Selector};
+use super::plan::{IpFamily, Item, RouteSpec, RuleSpec, Selector};
 use super::{RoutingError, LOOPBACK, RT_PROTOCOL};
 
 pub(super) fn rule_table(msg: &RuleMessage) -> u32 {
@@ -161,10 +161,10 @@ pub(super) fn rule_message(spec: &RuleSpec) -> RuleMessage {
 pub(super) fn route_message(spec: &RouteSpec, lo_index: u32) -> RouteMessage {
     let builder = match spec.family {
         // iproute2 gives IPv4 local routes host scope and IPv6 ones universe.
-        Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+        IpFamily::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
             .scope(RouteScope::Host)
             .build(),
-        Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+        IpFamily::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
             .scope(RouteScope::Universe)
             .build(),
     };
@@ -196,7 +196,7 @@ pub(super) fn nl_error(what: String, source: rtnetlink::Error) -> RoutingError {
 }
 
 fn describe_rule(msg: &RuleMessage) -> String {
-    let mut s = format!("{} rule", Family::of(msg.header.family).ip_cmd());
+    let mut s = format!("{} rule", IpFamily::of(msg.header.family).ip_cmd());
     for a in &msg.attributes {
         match a {
             RuleAttribute::Source(ip) => s.push_str(&format!(" from {ip}/{}", msg.header.src_len)),
@@ -276,7 +276,7 @@ impl Existing {
             Existing::Rule(m) => describe_rule(m),
             Existing::Route(m) => format!(
                 "{} route local default table {}",
-                Family::of(m.header.address_family).ip_cmd(),
+                IpFamily::of(m.header.address_family).ip_cmd(),
                 route_table(m)
             ),
         }
@@ -288,13 +288,13 @@ impl Existing {
 pub(super) async fn dump(
     handle: &Handle,
     kind: Kind,
-    family: Family,
+    family: IpFamily,
 ) -> Result<Vec<Existing>, RoutingError> {
     match kind {
         Kind::Rule => {
             let version = match family {
-                Family::V4 => IpVersion::V4,
-                Family::V6 => IpVersion::V6,
+                IpFamily::V4 => IpVersion::V4,
+                IpFamily::V6 => IpVersion::V6,
             };
             handle
                 .rule()
@@ -307,8 +307,8 @@ pub(super) async fn dump(
         }
         Kind::Route => {
             let filter = match family {
-                Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+                IpFamily::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                IpFamily::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
             };
             handle
                 .route()

@@ -54,10 +54,10 @@ impl RoutingPlan {
     /// before its rules, so that no rule points at an empty table.
     pub(super) fn items(&self) -> Vec<Item> {
         let mut out = Vec::new();
-        for family in [Family::V4, Family::V6] {
+        for family in [IpFamily::V4, IpFamily::V6] {
             let loopback = match family {
-                Family::V4 => self.v4_loopback,
-                Family::V6 => self.v6_loopback,
+                IpFamily::V4 => self.v4_loopback,
+                IpFamily::V6 => self.v6_loopback,
             };
             if !loopback && self.fwmark.is_none() {
                 continue;
@@ -86,39 +86,39 @@ impl RoutingPlan {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Family {
+pub(super) enum IpFamily {
     V4,
     V6,
 }
 
-impl Family {
+impl IpFamily {
     /// The family of a dumped message.
     pub(super) fn of(af: AddressFamily) -> Self {
         if af == AddressFamily::Inet6 {
-            Family::V6
+            IpFamily::V6
         } else {
-            Family::V4
+            IpFamily::V4
         }
     }
 
     pub(super) fn af(self) -> AddressFamily {
         match self {
-            Family::V4 => AddressFamily::Inet,
-            Family::V6 => AddressFamily::Inet6,
+            IpFamily::V4 => AddressFamily::Inet,
+            IpFamily::V6 => AddressFamily::Inet6,
         }
     }
 
     pub(super) fn ip_cmd(self) -> &'static str {
         match self {
-            Family::V4 => "ip",
-            Family::V6 => "ip -6",
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip -6",
         }
     }
 
     pub(super) fn loopback_net(self) -> IpNet {
         match self {
-            Family::V4 => IpNet::V4(ipnet::Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
-            Family::V6 => IpNet::V6(ipnet::Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+            IpFamily::V4 => IpNet::V4(ipnet::Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+            IpFamily::V6 => IpNet::V6(ipnet::Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
         }
     }
 }
@@ -133,7 +133,7 @@ pub(super) enum Selector {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RuleSpec {
-    pub(super) family: Family,
+    pub(super) family: IpFamily,
     pub(super) selector: Selector,
     pub(super) table: u32,
 }
@@ -141,7 +141,7 @@ pub(super) struct RuleSpec {
 /// `local <default> dev lo table T`
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RouteSpec {
-    pub(super) family: Family,
+    pub(super) family: IpFamily,
     pub(super) table: u32,
 }
 
@@ -152,7 +152,7 @@ pub(super) enum Item {
 }
 
 impl Item {
-    pub(super) fn family(&self) -> Family {
+    pub(super) fn family(&self) -> IpFamily {
         match self {
             Item::Rule(r) => r.family,
             Item::Route(r) => r.family,
@@ -176,8 +176,8 @@ impl fmt::Display for Item {
             }
             Item::Route(r) => {
                 let dst = match r.family {
-                    Family::V4 => "0.0.0.0/0",
-                    Family::V6 => "::/0",
+                    IpFamily::V4 => "0.0.0.0/0",
+                    IpFamily::V6 => "::/0",
                 };
                 write!(
                     f,

@@ -11,7 +11,7 @@ use super::netlink::{
     dump, loopback_index, route_is_ours, route_matches, route_message, route_table, rule_is_ours,
     rule_matches, rule_message, rule_table, Existing, Kind,
 };
-use super::plan::{Family, Item, RouteSpec, RuleSpec, Selector};
+use super::plan::{IpFamily, Item, RouteSpec, RuleSpec, Selector};
 use super::*;
 
 fn plan(v4: bool, v6: bool, mark: Option<u32>) -> RoutingPlan {
@@ -70,7 +70,7 @@ fn for_targets_detects_loopback_families() {
     assert!(RoutingPlan::for_targets(7, &[ip("::ffff:127.0.0.1")]).v4_loopback);
 }
 
-fn spec(family: Family, selector: Selector) -> RuleSpec {
+fn spec(family: IpFamily, selector: Selector) -> RuleSpec {
     RuleSpec {
         family,
         selector,
@@ -104,13 +104,13 @@ fn go_mmproxy_rule(src: &str, len: u8, table: u32) -> RuleMessage {
 #[test]
 fn own_rule_messages_match_their_spec() {
     for s in [
-        spec(Family::V4, Selector::FromLoopback),
-        spec(Family::V6, Selector::FromLoopback),
-        spec(Family::V4, Selector::FwMark(0x6d6d_7078)),
-        spec(Family::V6, Selector::FwMark(1)),
+        spec(IpFamily::V4, Selector::FromLoopback),
+        spec(IpFamily::V6, Selector::FromLoopback),
+        spec(IpFamily::V4, Selector::FwMark(0x6d6d_7078)),
+        spec(IpFamily::V6, Selector::FwMark(1)),
         RuleSpec {
             table: 1000,
-            ..spec(Family::V4, Selector::FromLoopback)
+            ..spec(IpFamily::V4, Selector::FromLoopback)
         },
     ] {
         let m = rule_message(&s);
@@ -123,10 +123,10 @@ fn own_rule_messages_match_their_spec() {
                 ..s
             },
             RuleSpec {
-                family: if s.family == Family::V4 {
-                    Family::V6
+                family: if s.family == IpFamily::V4 {
+                    IpFamily::V6
                 } else {
-                    Family::V4
+                    IpFamily::V4
                 },
                 ..s
             },
@@ -140,21 +140,21 @@ fn own_rule_messages_match_their_spec() {
     }
     let big = rule_message(&RuleSpec {
         table: 1000,
-        ..spec(Family::V4, Selector::FromLoopback)
+        ..spec(IpFamily::V4, Selector::FromLoopback)
     });
     assert_eq!(rule_table(&big), 1000);
 }
 
 #[test]
 fn go_mmproxy_rules_are_recognised() {
-    let s4 = spec(Family::V4, Selector::FromLoopback);
+    let s4 = spec(IpFamily::V4, Selector::FromLoopback);
     // As typed (127.0.0.1/8) and as a kernel that masks it stores it.
     assert!(rule_matches(&s4, &go_mmproxy_rule("127.0.0.1", 8, 123)));
     assert!(rule_matches(&s4, &go_mmproxy_rule("127.0.0.0", 8, 123)));
     assert!(!rule_is_ours(&go_mmproxy_rule("127.0.0.0", 8, 123)));
     assert!(!rule_matches(&s4, &go_mmproxy_rule("127.0.0.1", 32, 123)));
     assert!(!rule_matches(&s4, &go_mmproxy_rule("127.0.0.1", 8, 124)));
-    let s6 = spec(Family::V6, Selector::FromLoopback);
+    let s6 = spec(IpFamily::V6, Selector::FromLoopback);
     assert!(rule_matches(&s6, &go_mmproxy_rule("::1", 128, 123)));
     assert!(!rule_matches(&s6, &go_mmproxy_rule("::1", 127, 123)));
     assert!(!rule_matches(&s4, &go_mmproxy_rule("::1", 128, 123)));
@@ -162,7 +162,7 @@ fn go_mmproxy_rules_are_recognised() {
 
 #[test]
 fn narrower_or_different_rules_are_not_reused() {
-    let s4 = spec(Family::V4, Selector::FromLoopback);
+    let s4 = spec(IpFamily::V4, Selector::FromLoopback);
     let base = go_mmproxy_rule("127.0.0.1", 8, 123);
 
     let mut inverted = base.clone();
@@ -214,7 +214,7 @@ fn narrower_or_different_rules_are_not_reused() {
         assert!(!rule_matches(&s4, &m), "{name}");
     }
 
-    let sm = spec(Family::V4, Selector::FwMark(7));
+    let sm = spec(IpFamily::V4, Selector::FwMark(7));
     let mut mark = RuleMessage::default();
     mark.header.family = AddressFamily::Inet;
     mark.header.action = RuleAction::ToTable;
@@ -230,7 +230,7 @@ fn narrower_or_different_rules_are_not_reused() {
 #[test]
 fn route_matching() {
     let s = RouteSpec {
-        family: Family::V4,
+        family: IpFamily::V4,
         table: 123,
     };
     let m = route_message(&s, 1);
@@ -240,7 +240,7 @@ fn route_matching() {
     assert!(!route_matches(&RouteSpec { table: 124, ..s }, &m, 1));
     assert!(!route_matches(
         &RouteSpec {
-            family: Family::V6,
+            family: IpFamily::V6,
             ..s
         },
         &m,
@@ -260,7 +260,7 @@ fn route_matching() {
     let big = route_message(&RouteSpec { table: 70000, ..s }, 1);
     assert_eq!(route_table(&big), 70000);
     let s6 = RouteSpec {
-        family: Family::V6,
+        family: IpFamily::V6,
         table: 123,
     };
     assert!(route_matches(&s6, &route_message(&s6, 1), 1));
@@ -335,7 +335,7 @@ mod netns {
     async fn snapshot(h: &Handle) -> Vec<String> {
         let mut out = Vec::new();
         for kind in [Kind::Rule, Kind::Route] {
-            for f in [Family::V4, Family::V6] {
+            for f in [IpFamily::V4, IpFamily::V6] {
                 for e in dump(h, kind, f).await.unwrap() {
                     match e {
                         Existing::Rule(r) => out.push(format!("{r:?}")),
@@ -380,7 +380,7 @@ mod netns {
     async fn add_go_mmproxy_rules(h: &Handle, lo: u32) {
         // What go-mmproxy's documented setup has the operator type, proto boot.
         let mut r4 = rule_message(&RuleSpec {
-            family: Family::V4,
+            family: IpFamily::V4,
             selector: Selector::FromLoopback,
             table: 123,
         });
@@ -392,7 +392,7 @@ mod netns {
         *req.message_mut() = r4;
         req.execute().await.unwrap();
         let mut r6 = rule_message(&RuleSpec {
-            family: Family::V6,
+            family: IpFamily::V6,
             selector: Selector::FromLoopback,
             table: 123,
         });
@@ -401,7 +401,7 @@ mod netns {
         let mut req = h.rule().add();
         *req.message_mut() = r6;
         req.execute().await.unwrap();
-        for f in [Family::V4, Family::V6] {
+        for f in [IpFamily::V4, IpFamily::V6] {
             let mut m = route_message(
                 &RouteSpec {
                     family: f,
