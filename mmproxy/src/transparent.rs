@@ -16,6 +16,7 @@ use crate::cli::{Args, TargetSpec};
 use crate::ebpf::FlowProtocol;
 use crate::proxy_protocol::Endpoints;
 use crate::sockopt;
+use crate::stats::ConnectFailure;
 
 /// The `-4` and `-6` targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,6 +245,19 @@ impl UpstreamError {
             Self::Connect { .. } => "connect",
             Self::Timeout { .. } => "timeout",
             Self::Register(_) => "register",
+        }
+    }
+
+    /// The errno class counted in `mmproxy_tcp_upstream_connect_failures_total`.
+    pub fn class(&self) -> ConnectFailure {
+        match self {
+            Self::Socket(e)
+            | Self::Register(e)
+            | Self::SockOpt { source: e, .. }
+            | Self::Bind { source: e, .. }
+            | Self::Connect { source: e, .. } => ConnectFailure::from_errno(e.raw_os_error()),
+            Self::Timeout { .. } => ConnectFailure::Timeout,
+            Self::FamilyMismatch { .. } => ConnectFailure::Other,
         }
     }
 }
