@@ -17,6 +17,7 @@ use crate::cli::{Args, TargetSpec};
 use crate::ebpf::{FlowProtocol, FlowRegistry};
 use crate::proxy_protocol::Endpoints;
 use crate::sockopt;
+use crate::stats::ConnectFailure;
 
 /// Where every flow of a proxy goes, and who is told about it: the part the TCP and
 /// UDP contexts share.
@@ -274,6 +275,19 @@ impl UpstreamError {
             Self::Connect { .. } => "connect",
             Self::Timeout { .. } => "timeout",
             Self::Register(_) => "register",
+        }
+    }
+
+    /// The errno class counted in `mmproxy_tcp_upstream_connect_failures_total`.
+    pub fn class(&self) -> ConnectFailure {
+        match self {
+            Self::Socket(e)
+            | Self::Register(e)
+            | Self::SockOpt { source: e, .. }
+            | Self::Bind { source: e, .. }
+            | Self::Connect { source: e, .. } => ConnectFailure::from_errno(e.raw_os_error()),
+            Self::Timeout { .. } => ConnectFailure::Timeout,
+            Self::FamilyMismatch { .. } => ConnectFailure::Other,
         }
     }
 }

@@ -228,12 +228,20 @@ fn tcp_mix_gives_exact_series_that_the_stats_line_agrees_with_and_promtool_accep
             ("mmproxy_tcp_connections_accepted_total", 8.0),
             ("mmproxy_tcp_connections_proxied_total", 3.0),
             (
-                "mmproxy_tcp_connections_rejected_total{reason=\"invalid_header\"}",
-                2.0,
+                "mmproxy_tcp_connections_rejected_total{reason=\"not_proxy_protocol\"}",
+                1.0,
+            ),
+            (
+                "mmproxy_tcp_connections_rejected_total{reason=\"v1_bad_address\"}",
+                1.0,
             ),
             (
                 "mmproxy_tcp_connections_rejected_total{reason=\"header_eof\"}",
                 1.0,
+            ),
+            (
+                "mmproxy_tcp_connections_rejected_total{reason=\"read_error\"}",
+                0.0,
             ),
             (
                 "mmproxy_tcp_connections_rejected_total{reason=\"header_timeout\"}",
@@ -243,7 +251,22 @@ fn tcp_mix_gives_exact_series_that_the_stats_line_agrees_with_and_promtool_accep
                 "mmproxy_tcp_connections_rejected_total{reason=\"not_allowed\"}",
                 0.0,
             ),
-            ("mmproxy_tcp_upstream_connect_failures_total", 1.0),
+            (
+                "mmproxy_tcp_upstream_connect_failures_total{error=\"refused\"}",
+                1.0,
+            ),
+            (
+                "mmproxy_tcp_upstream_connect_failures_total{error=\"timeout\"}",
+                0.0,
+            ),
+            (
+                "mmproxy_tcp_upstream_connect_failures_total{error=\"other\"}",
+                0.0,
+            ),
+            // Four connections sent a complete header; three connected.
+            ("mmproxy_tcp_header_duration_seconds_count", 4.0),
+            ("mmproxy_tcp_upstream_connect_duration_seconds_count", 3.0),
+            ("mmproxy_tcp_pipes_in_use", 0.0),
             ("mmproxy_tcp_relay_errors_total", 0.0),
             (
                 "mmproxy_tcp_relayed_bytes_total{direction=\"to_upstream\"}",
@@ -282,13 +305,38 @@ fn tcp_mix_gives_exact_series_that_the_stats_line_agrees_with_and_promtool_accep
 
     // One source of truth: the SIGUSR1 line reads the same counters.
     let line = d.stats()?;
+    let sum_of = |prefix: &str| -> f64 {
+        s.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    // Every invalid-header kind is its own reason; the line has their total.
+    let invalid = sum_of("mmproxy_tcp_connections_rejected_total")
+        - ["not_allowed", "header_timeout", "header_eof", "read_error"]
+            .iter()
+            .map(|r| {
+                s.get(&format!(
+                    "mmproxy_tcp_connections_rejected_total{{reason=\"{r}\"}}"
+                ))
+                .copied()
+                .unwrap_or_default()
+            })
+            .sum::<f64>();
+    assert_eq!(
+        counter(&line, "rejected_invalid_header") as f64,
+        invalid,
+        "{line}"
+    );
+    assert_eq!(invalid, 2.0);
+    assert_eq!(
+        counter(&line, "upstream_connect_failed") as f64,
+        sum_of("mmproxy_tcp_upstream_connect_failures_total"),
+        "{line}"
+    );
     for (name, series) in [
         ("tcp_accepted", "mmproxy_tcp_connections_accepted_total"),
         ("tcp_proxied", "mmproxy_tcp_connections_proxied_total"),
-        (
-            "rejected_invalid_header",
-            "mmproxy_tcp_connections_rejected_total{reason=\"invalid_header\"}",
-        ),
         (
             "bytes_up",
             "mmproxy_tcp_relayed_bytes_total{direction=\"to_upstream\"}",
@@ -298,8 +346,8 @@ fn tcp_mix_gives_exact_series_that_the_stats_line_agrees_with_and_promtool_accep
             "mmproxy_tcp_relayed_bytes_total{direction=\"to_proxy\"}",
         ),
         (
-            "upstream_connect_failed",
-            "mmproxy_tcp_upstream_connect_failures_total",
+            "rejected_header_eof",
+            "mmproxy_tcp_connections_rejected_total{reason=\"header_eof\"}",
         ),
         (
             "kernel_refused_v4",
@@ -408,6 +456,15 @@ fn udp_mix_gives_exact_series() -> Result<()> {
                 "mmproxy_udp_datagrams_dropped_total{reason=\"upstream_error\"}",
                 0.0,
             ),
+            (
+                "mmproxy_udp_datagrams_dropped_total{reason=\"truncated\"}",
+                0.0,
+            ),
+            (
+                "mmproxy_udp_datagrams_dropped_total{reason=\"no_source\"}",
+                0.0,
+            ),
+            ("mmproxy_udp_datagrams_sent_total", 5.0),
             ("mmproxy_udp_answers_relayed_total", 5.0),
             (
                 "mmproxy_udp_answers_dropped_total{reason=\"foreign_port\"}",

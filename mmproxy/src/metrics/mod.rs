@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use mmproxy_common::{program_names, Counter};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
@@ -32,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Args, Protocol};
 use crate::ebpf::KernelSide;
-use crate::stats::Stats;
+use crate::proxy_protocol::Invalid;
+use crate::stats::{ConnectFailure, Histogram, Stats};
 
 /// Every metric's name starts with `mmproxy_`.
 pub const PREFIX: &str = "mmproxy";
@@ -185,6 +186,13 @@ where
     ConstGauge::new(v).encode(e.encode_descriptor(name, help, unit, MetricType::Gauge)?)
 }
 
+/// A [`Histogram`] in seconds, through prometheus-client's histogram encoder.
+fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> Fmt {
+    let (sum, count, buckets) = h.snapshot();
+    e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+}
+
 impl Collector for Metrics {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &*self.stats;
@@ -239,23 +247,46 @@ impl Collector for Metrics {
             None,
             load(&s.tcp_proxied),
         )?;
+        let mut rejected: Vec<(&str, u64)> = vec![
+            ("not_allowed", tcp_not_allowed),
+            ("header_timeout", load(&s.rejected_header_timeout)),
+            ("header_eof", load(&s.rejected_header_eof)),
+            ("read_error", load(&s.rejected_read_error)),
+        ];
+        rejected.extend(
+            Invalid::KINDS
+                .iter()
+                .zip(&s.rejected_invalid_header)
+                .map(|(k, c)| (*k, load(c))),
+        );
         counters(
             e,
-            ("tcp_connections_rejected", "TCP connections closed before reaching the upstream, by reason: not_allowed (outside --allowed-subnets, in userspace), invalid_header, header_timeout, header_eof (closed or failed before a complete header).", None),
+            ("tcp_connections_rejected", "TCP connections closed before reaching the upstream, by reason: not_allowed (outside --allowed-subnets, in userspace), header_timeout, header_eof (closed by the peer before a complete header), read_error (the read failed, e.g. reset), or the kind of invalid header (not_proxy_protocol, too_long, v1_*, v2_*).", None),
             "reason",
-            &[
-                ("not_allowed", tcp_not_allowed),
-                ("invalid_header", load(&s.rejected_invalid_header)),
-                ("header_timeout", load(&s.rejected_header_timeout)),
-                ("header_eof", load(&s.rejected_header_eof)),
-            ],
+            &rejected,
         )?;
-        counter(
+        let failures: Vec<(&str, u64)> = ConnectFailure::ALL
+            .iter()
+            .zip(&s.upstream_connect_failed)
+            .map(|(f, c)| (f.label(), load(c)))
+            .collect();
+        counters(
             e,
-            "tcp_upstream_connect_failures",
-            "Upstream connects refused, unreachable or timed out.",
-            None,
-            load(&s.upstream_connect_failed),
+            ("tcp_upstream_connect_failures", "Upstream connects that failed, by errno class: refused, timeout, host_unreachable, net_unreachable, addr_in_use (the client's address and port are taken), permission, other.", None),
+            "error",
+            &failures,
+        )?;
+        histogram(
+            e,
+            "tcp_header_duration",
+            "From accept to a complete PROXY header, for connections that sent one.",
+            &s.header_duration,
+        )?;
+        histogram(
+            e,
+            "tcp_upstream_connect_duration",
+            "Successful upstream connects, from opening the socket to connected.",
+            &s.upstream_connect_duration,
         )?;
         counter(
             e,
@@ -286,6 +317,13 @@ impl Collector for Metrics {
         )?;
         gauge(
             e,
+            "tcp_pipes_in_use",
+            "Pipes holding in-flight bytes of a splice relay now.",
+            None,
+            u64::try_from(crate::tcp::relay::pipes_in_use()).unwrap_or(u64::MAX),
+        )?;
+        gauge(
+            e,
             "tcp_connections_max",
             "Most concurrent TCP connections (--max-connections).",
             None,
@@ -301,13 +339,23 @@ impl Collector for Metrics {
         )?;
         counters(
             e,
-            ("udp_datagrams_dropped", "UDP datagrams from proxies not relayed, by reason: not_allowed (outside --allowed-subnets, in userspace), invalid_header, upstream_error (could not be sent to the service).", None),
+            ("udp_datagrams_dropped", "UDP datagrams from proxies not relayed, by reason: not_allowed (outside --allowed-subnets, in userspace), invalid_header, truncated (ends inside its header), oversized (larger than the receive buffer), no_source (no source address), upstream_error (could not be sent to the service).", None),
             "reason",
             &[
                 ("not_allowed", udp_not_allowed),
                 ("invalid_header", load(&s.udp_dropped_invalid)),
+                ("truncated", load(&s.udp_dropped_truncated)),
+                ("oversized", load(&s.udp_dropped_oversized)),
+                ("no_source", load(&s.udp_dropped_no_source)),
                 ("upstream_error", load(&s.udp_upstream_errors)),
             ],
+        )?;
+        counter(
+            e,
+            "udp_datagrams_sent",
+            "UDP payloads sent to the service.",
+            None,
+            load(&s.udp_datagrams_sent),
         )?;
         counter(
             e,

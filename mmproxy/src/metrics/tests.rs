@@ -6,6 +6,7 @@ use tokio::net::TcpStream;
 
 use super::*;
 use crate::metrics::http::Limits;
+use crate::proxy_protocol::Invalid;
 
 struct FakeKernel;
 
@@ -63,10 +64,20 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
     set(&s.tcp_active, 2);
     set(&s.accept_errors, 1);
     set(&s.rejected_not_allowed, 3);
-    set(&s.rejected_invalid_header, 4);
+    s.invalid_header(&Invalid::NotProxyProtocol);
+    for _ in 0..3 {
+        s.invalid_header(&Invalid::V1NoCrlf);
+    }
+    set(&s.rejected_read_error, 30);
     set(&s.rejected_header_timeout, 5);
     set(&s.rejected_header_eof, 6);
-    set(&s.upstream_connect_failed, 8);
+    for (i, c) in s.upstream_connect_failed.iter().enumerate() {
+        set(c, 1 + i as u64);
+    }
+    set(&s.udp_dropped_oversized, 31);
+    set(&s.udp_dropped_truncated, 32);
+    set(&s.udp_dropped_no_source, 33);
+    set(&s.udp_datagrams_sent, 34);
     set(&s.relay_errors, 9);
     set(&s.bytes_up, 1000);
     set(&s.bytes_down, 2000);
@@ -91,8 +102,20 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
             3.0,
         ),
         (
-            "mmproxy_tcp_connections_rejected_total{reason=\"invalid_header\"}",
-            4.0,
+            "mmproxy_tcp_connections_rejected_total{reason=\"not_proxy_protocol\"}",
+            1.0,
+        ),
+        (
+            "mmproxy_tcp_connections_rejected_total{reason=\"v1_no_crlf\"}",
+            3.0,
+        ),
+        (
+            "mmproxy_tcp_connections_rejected_total{reason=\"v2_crc32c_mismatch\"}",
+            0.0,
+        ),
+        (
+            "mmproxy_tcp_connections_rejected_total{reason=\"read_error\"}",
+            30.0,
         ),
         (
             "mmproxy_tcp_connections_rejected_total{reason=\"header_timeout\"}",
@@ -102,7 +125,48 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
             "mmproxy_tcp_connections_rejected_total{reason=\"header_eof\"}",
             6.0,
         ),
-        ("mmproxy_tcp_upstream_connect_failures_total", 8.0),
+        (
+            "mmproxy_tcp_upstream_connect_failures_total{error=\"refused\"}",
+            1.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_failures_total{error=\"timeout\"}",
+            2.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_failures_total{error=\"host_unreachable\"}",
+            3.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_failures_total{error=\"net_unreachable\"}",
+            4.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_failures_total{error=\"addr_in_use\"}",
+            5.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_failures_total{error=\"permission\"}",
+            6.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_failures_total{error=\"other\"}",
+            7.0,
+        ),
+        ("mmproxy_tcp_pipes_in_use", 0.0),
+        (
+            "mmproxy_udp_datagrams_dropped_total{reason=\"oversized\"}",
+            31.0,
+        ),
+        (
+            "mmproxy_udp_datagrams_dropped_total{reason=\"truncated\"}",
+            32.0,
+        ),
+        (
+            "mmproxy_udp_datagrams_dropped_total{reason=\"no_source\"}",
+            33.0,
+        ),
+        ("mmproxy_udp_datagrams_sent_total", 34.0),
         ("mmproxy_tcp_relay_errors_total", 9.0),
         (
             "mmproxy_tcp_relayed_bytes_total{direction=\"to_upstream\"}",
@@ -146,20 +210,27 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
     }
     // Every Stats counter has a home: the sum of what is exported covers them all.
     let exported: u64 = s.snapshot().iter().map(|(_, v)| v).sum();
+    let invalid = 4;
+    let failed = 1 + 2 + 3 + 4 + 5 + 6 + 7;
     assert_eq!(
         exported,
         11 + 7
             + 2
             + 1
             + 3
-            + 4
+            + invalid
             + 5
             + 6
-            + 8
+            + 30
+            + failed
             + 9
             + 3000
             + 20
             + 21
+            + 31
+            + 32
+            + 33
+            + 34
             + 22
             + 23
             + 24
@@ -169,7 +240,52 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
             + 28
             + 29
     );
-    assert_eq!(s.snapshot().len(), 22, "a new Stats counter needs a metric");
+    assert_eq!(s.snapshot().len(), 27, "a new Stats counter needs a metric");
+}
+
+#[test]
+fn every_header_error_kind_is_a_reason_and_histograms_are_encoded() {
+    let (m, s, _) = collector(&[]);
+    s.header_duration.observe(Duration::from_micros(300));
+    s.header_duration.observe(Duration::from_millis(30));
+    s.upstream_connect_duration.observe(Duration::from_secs(9));
+    let text = scrape(&m);
+    for kind in Invalid::KINDS {
+        let series = format!("mmproxy_tcp_connections_rejected_total{{reason=\"{kind}\"}}");
+        assert_eq!(value(&text, &series), Some(0.0), "{series}");
+    }
+    for (series, want) in [
+        ("mmproxy_tcp_header_duration_seconds_count", 2.0),
+        ("mmproxy_tcp_header_duration_seconds_sum", 0.0303),
+        (
+            "mmproxy_tcp_header_duration_seconds_bucket{le=\"0.0005\"}",
+            1.0,
+        ),
+        (
+            "mmproxy_tcp_header_duration_seconds_bucket{le=\"0.025\"}",
+            1.0,
+        ),
+        (
+            "mmproxy_tcp_header_duration_seconds_bucket{le=\"0.05\"}",
+            2.0,
+        ),
+        (
+            "mmproxy_tcp_header_duration_seconds_bucket{le=\"+Inf\"}",
+            2.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_duration_seconds_bucket{le=\"5\"}",
+            0.0,
+        ),
+        (
+            "mmproxy_tcp_upstream_connect_duration_seconds_bucket{le=\"+Inf\"}",
+            1.0,
+        ),
+        ("mmproxy_tcp_upstream_connect_duration_seconds_count", 1.0),
+    ] {
+        let got = value(&text, series).unwrap_or(f64::NAN);
+        assert!((got - want).abs() < 1e-9, "{series}: {got}\n{text}");
+    }
 }
 
 #[test]

@@ -115,43 +115,127 @@ pub enum Invalid {
 }
 
 impl Invalid {
+    /// Every [`Invalid::kind`] label, indexed by [`Invalid::index`]: a fixed set, so
+    /// counters can keep one slot per kind.
+    pub const KINDS: [&'static str; 34] = [
+        "not_proxy_protocol",
+        "too_long",
+        "v1_on_datagram",
+        "v1_no_space_after_signature",
+        "v1_unknown_protocol",
+        "v1_empty_field",
+        "v1_missing_field",
+        "v1_bad_address",
+        "v1_leading_zero_octet",
+        "v1_family_mismatch",
+        "v1_zoned_address",
+        "v1_port_not_number",
+        "v1_port_leading_zero",
+        "v1_port_out_of_range",
+        "v1_trailing_data",
+        "v1_lone_cr",
+        "v1_lone_lf",
+        "v1_no_crlf",
+        "v2_version",
+        "v2_command",
+        "v2_family",
+        "v2_transport",
+        "v2_transport_mismatch",
+        "v2_address_too_short",
+        "v2_tlv_truncated",
+        "v2_tlv_overrun",
+        "v2_crc32c_length",
+        "v2_crc32c_duplicate",
+        "v2_crc32c_mismatch",
+        "v2_unique_id_too_long",
+        "v2_not_utf8",
+        "v2_ssl_too_short",
+        "v2_ssl_sub_tlv_truncated",
+        "v2_ssl_sub_tlv_overrun",
+    ];
+
     /// A short label that does not change between releases, for counters.
     pub fn kind(&self) -> &'static str {
+        Self::KINDS.get(self.index()).copied().unwrap_or("invalid")
+    }
+
+    /// This error's position in [`Invalid::KINDS`].
+    pub fn index(&self) -> usize {
         match self {
-            Invalid::NotProxyProtocol => "not_proxy_protocol",
-            Invalid::TooLong { .. } => "too_long",
-            Invalid::V1OnDatagram => "v1_on_datagram",
-            Invalid::V1NoSpaceAfterSignature => "v1_no_space_after_signature",
-            Invalid::V1UnknownProtocol => "v1_unknown_protocol",
-            Invalid::V1EmptyField(_) => "v1_empty_field",
-            Invalid::V1MissingField(_) => "v1_missing_field",
-            Invalid::V1BadAddress(..) => "v1_bad_address",
-            Invalid::V1LeadingZeroOctet(_) => "v1_leading_zero_octet",
-            Invalid::V1FamilyMismatch(..) => "v1_family_mismatch",
-            Invalid::V1ZonedAddress(_) => "v1_zoned_address",
-            Invalid::V1PortNotNumber(_) => "v1_port_not_number",
-            Invalid::V1PortLeadingZero(_) => "v1_port_leading_zero",
-            Invalid::V1PortOutOfRange(_) => "v1_port_out_of_range",
-            Invalid::V1TrailingData => "v1_trailing_data",
-            Invalid::V1LoneCr => "v1_lone_cr",
-            Invalid::V1LoneLf => "v1_lone_lf",
-            Invalid::V1NoCrlf => "v1_no_crlf",
-            Invalid::V2Version(_) => "v2_version",
-            Invalid::V2Command(_) => "v2_command",
-            Invalid::V2Family(_) => "v2_family",
-            Invalid::V2Transport(_) => "v2_transport",
-            Invalid::V2TransportMismatch { .. } => "v2_transport_mismatch",
-            Invalid::V2AddressTooShort { .. } => "v2_address_too_short",
-            Invalid::V2TlvTruncated { .. } => "v2_tlv_truncated",
-            Invalid::V2TlvOverrun { .. } => "v2_tlv_overrun",
-            Invalid::V2Crc32cLength(_) => "v2_crc32c_length",
-            Invalid::V2Crc32cDuplicate => "v2_crc32c_duplicate",
-            Invalid::V2Crc32cMismatch { .. } => "v2_crc32c_mismatch",
-            Invalid::V2UniqueIdTooLong(_) => "v2_unique_id_too_long",
-            Invalid::V2NotUtf8(_) => "v2_not_utf8",
-            Invalid::V2SslTooShort(_) => "v2_ssl_too_short",
-            Invalid::V2SslSubTlvTruncated { .. } => "v2_ssl_sub_tlv_truncated",
-            Invalid::V2SslSubTlvOverrun { .. } => "v2_ssl_sub_tlv_overrun",
+            Invalid::NotProxyProtocol => 0,
+            Invalid::TooLong { .. } => 1,
+            Invalid::V1OnDatagram => 2,
+            Invalid::V1NoSpaceAfterSignature => 3,
+            Invalid::V1UnknownProtocol => 4,
+            Invalid::V1EmptyField(_) => 5,
+            Invalid::V1MissingField(_) => 6,
+            Invalid::V1BadAddress(..) => 7,
+            Invalid::V1LeadingZeroOctet(_) => 8,
+            Invalid::V1FamilyMismatch(..) => 9,
+            Invalid::V1ZonedAddress(_) => 10,
+            Invalid::V1PortNotNumber(_) => 11,
+            Invalid::V1PortLeadingZero(_) => 12,
+            Invalid::V1PortOutOfRange(_) => 13,
+            Invalid::V1TrailingData => 14,
+            Invalid::V1LoneCr => 15,
+            Invalid::V1LoneLf => 16,
+            Invalid::V1NoCrlf => 17,
+            Invalid::V2Version(_) => 18,
+            Invalid::V2Command(_) => 19,
+            Invalid::V2Family(_) => 20,
+            Invalid::V2Transport(_) => 21,
+            Invalid::V2TransportMismatch { .. } => 22,
+            Invalid::V2AddressTooShort { .. } => 23,
+            Invalid::V2TlvTruncated { .. } => 24,
+            Invalid::V2TlvOverrun { .. } => 25,
+            Invalid::V2Crc32cLength(_) => 26,
+            Invalid::V2Crc32cDuplicate => 27,
+            Invalid::V2Crc32cMismatch { .. } => 28,
+            Invalid::V2UniqueIdTooLong(_) => 29,
+            Invalid::V2NotUtf8(_) => 30,
+            Invalid::V2SslTooShort(_) => 31,
+            Invalid::V2SslSubTlvTruncated { .. } => 32,
+            Invalid::V2SslSubTlvOverrun { .. } => 33,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_distinct_and_each_error_finds_its_own() {
+        let mut seen = std::collections::HashSet::new();
+        assert!(Invalid::KINDS.iter().all(|k| seen.insert(*k)));
+        for (e, kind) in [
+            (Invalid::NotProxyProtocol, "not_proxy_protocol"),
+            (Invalid::TooLong { len: 1, max: 1 }, "too_long"),
+            (Invalid::V1NoCrlf, "v1_no_crlf"),
+            (Invalid::V2Crc32cDuplicate, "v2_crc32c_duplicate"),
+            (
+                Invalid::V2SslSubTlvOverrun {
+                    kind: 1,
+                    len: 2,
+                    left: 1,
+                },
+                "v2_ssl_sub_tlv_overrun",
+            ),
+        ] {
+            assert_eq!(e.kind(), kind);
+            assert_eq!(Invalid::KINDS.get(e.index()), Some(&kind));
+        }
+        // What the e2e metrics test sends.
+        let opts = crate::proxy_protocol::DecodeOptions::default();
+        let kind = |b: &[u8]| {
+            crate::proxy_protocol::decode(b, &opts)
+                .err()
+                .map(|e| e.kind())
+        };
+        assert_eq!(kind(b"GET / HTTP/1.1\r\n\r\n"), Some("not_proxy_protocol"));
+        assert_eq!(
+            kind(b"PROXY TCP4 not-an-address\r\n"),
+            Some("v1_bad_address")
+        );
     }
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -16,7 +17,7 @@ use crate::addr::{ClientAddr, ProxyAddr, Shown, UpstreamAddr};
 use crate::ebpf::{FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 use crate::logging::CONN_TARGET;
 use crate::proxy_protocol::Endpoints;
-use crate::stats::Stats;
+use crate::stats::{ConnectFailure, Stats};
 
 use super::header_phase::{read_header, reject, Rejection};
 use super::{connect, relay, TcpContext};
@@ -29,9 +30,13 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
     // TCP_NODELAY comes from the listening socket (accept::bind_tcp).
     debug!(target: CONN_TARGET, peer = %proxy, "connection accepted");
 
+    let accepted = Instant::now();
     let header = tokio::time::timeout(ctx.header_timeout, read_header(&mut conn, &ctx)).await;
     let (endpoints, payload) = match header {
-        Ok(Ok(h)) => h,
+        Ok(Ok(h)) => {
+            stats.header_duration.observe(accepted.elapsed());
+            h
+        }
         Ok(Err(rejection)) => return reject(rejection, proxy, &ctx),
         Err(_) => return reject(Rejection::Timeout(ctx.header_timeout), proxy, &ctx),
     };
@@ -39,7 +44,7 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
     let (from, to) = match choose_target(endpoints, &conn, proxy, &ctx) {
         Ok(route) => route,
         Err(e) => {
-            Stats::inc(&stats.upstream_connect_failed);
+            stats.connect_failed(ConnectFailure::Other);
             warn!(target: CONN_TARGET, peer = %proxy, reason = "no_local_addr",
                   error = &e as &dyn std::error::Error,
                   "cannot choose the upstream for a LOCAL header");
@@ -53,6 +58,7 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
     });
     debug!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to, "header received");
 
+    let connecting = Instant::now();
     let connected = match &ctx.upstream.flows {
         Some(flows) => connect::connect_then(from, to, &ctx.connect, |local| {
             register_flow(flows, local, to, proxy)
@@ -65,9 +71,14 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
     };
     // Held until the relay ends: the kernel steers this flow's answers meanwhile.
     let (upstream, _registration) = match connected {
-        Ok(s) => s,
+        Ok(s) => {
+            stats
+                .upstream_connect_duration
+                .observe(connecting.elapsed());
+            s
+        }
         Err(e) => {
-            Stats::inc(&stats.upstream_connect_failed);
+            stats.connect_failed(e.class());
             warn!(target: CONN_TARGET, peer = %proxy, %client, %dst, upstream = %to,
                   reason = e.kind(), error = &e as &dyn std::error::Error,
                   "upstream connection failed");
@@ -148,7 +159,7 @@ impl Drop for Gauge<'_> {
 mod tests {
     use super::*;
     use crate::addr::OrigDstAddr;
-    use crate::proxy_protocol::DecodeOptions;
+    use crate::proxy_protocol::{DecodeOptions, Invalid};
     use crate::tcp::ConnectOptions;
     use crate::transparent::Upstream;
     use std::net::IpAddr;
@@ -234,6 +245,11 @@ mod tests {
         assert_eq!(count(&s.tcp_active), 0);
         assert_eq!(count(&s.bytes_up), 5);
         assert_eq!(count(&s.bytes_down), 3);
+        // The header took at least its 14 sleeps; the connect was one observation.
+        let (sum, n, _) = s.header_duration.snapshot();
+        assert_eq!(n, 1);
+        assert!(sum >= 0.028, "{sum}");
+        assert_eq!(s.upstream_connect_duration.snapshot().1, 1);
     }
 
     #[tokio::test]
@@ -265,7 +281,15 @@ mod tests {
             task.await.unwrap();
         }
         assert!(not_dialled(&w.upstream).await);
-        assert_eq!(count(&w.ctx.stats.rejected_invalid_header), 3);
+        let by_kind = |kind: &str| {
+            let i = Invalid::KINDS.iter().position(|k| *k == kind).unwrap();
+            count(&w.ctx.stats.rejected_invalid_header[i])
+        };
+        assert_eq!(by_kind("not_proxy_protocol"), 1);
+        assert_eq!(by_kind("v1_port_out_of_range"), 1);
+        assert_eq!(by_kind("v2_address_too_short"), 1);
+        let total: u64 = w.ctx.stats.rejected_invalid_header.iter().map(count).sum();
+        assert_eq!(total, 3);
         assert_eq!(count(&w.ctx.stats.tcp_active), 0);
     }
 
@@ -313,6 +337,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reset_inside_the_header_is_a_read_error() {
+        let w = world(Duration::from_secs(5)).await;
+        let (mut c, task) = connect(&w.ctx).await;
+        c.write_all(b"PROXY TCP4 ").await.unwrap();
+        // Give the task the bytes first, then reset (SO_LINGER 0).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+        task.await.unwrap();
+        assert_eq!(count(&w.ctx.stats.rejected_read_error), 1);
+        assert_eq!(count(&w.ctx.stats.rejected_header_eof), 0);
+        assert_eq!(w.ctx.stats.header_duration.snapshot().1, 0);
+    }
+
+    #[tokio::test]
     async fn refused_upstream_closes_the_client_promptly() {
         let w = world(Duration::from_secs(5)).await;
         drop(w.upstream);
@@ -320,8 +361,11 @@ mod tests {
         c.write_all(b"PROXY UNKNOWN\r\nhello").await.unwrap();
         assert!(closed_within(&mut c, Duration::from_secs(2)).await);
         task.await.unwrap();
-        assert_eq!(count(&w.ctx.stats.upstream_connect_failed), 1);
+        let failed = &w.ctx.stats.upstream_connect_failed;
+        assert_eq!(count(&failed[ConnectFailure::Refused as usize]), 1);
+        assert_eq!(failed.iter().map(count).sum::<u64>(), 1);
         assert_eq!(count(&w.ctx.stats.tcp_proxied), 0);
+        assert_eq!(w.ctx.stats.upstream_connect_duration.snapshot().1, 0);
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub(super) fn reject(rejection: Rejection, proxy: ProxyAddr, ctx: &TcpContext) {
     let stats = &*ctx.stats;
     match rejection {
         Rejection::Invalid(e) => {
-            Stats::inc(&stats.rejected_invalid_header);
+            stats.invalid_header(&e);
             warn!(target: CONN_TARGET, peer = %proxy, reason = e.kind(),
                   error = &e as &dyn std::error::Error, "invalid PROXY header, connection closed");
         }
@@ -50,7 +50,7 @@ pub(super) fn reject(rejection: Rejection, proxy: ProxyAddr, ctx: &TcpContext) {
                   "connection closed inside the PROXY header");
         }
         Rejection::Io(e) => {
-            Stats::inc(&stats.rejected_header_eof);
+            Stats::inc(&stats.rejected_read_error);
             warn!(target: CONN_TARGET, peer = %proxy, reason = "read_error",
                   error = &e as &dyn std::error::Error, "reading the PROXY header failed");
         }

@@ -233,7 +233,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
     fn admit<'d>(&mut self, d: &Received<'d>, now: u64) -> Option<Admitted<'d>> {
         let stats = &*self.ctx.stats;
         let Some(source) = d.source else {
-            Stats::inc(&stats.udp_dropped_invalid);
+            Stats::inc(&stats.udp_dropped_no_source);
             return None;
         };
         let proxy = ProxyAddr(canonical(source));
@@ -253,7 +253,11 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
                 payload,
             }),
             Err(why) => {
-                Stats::inc(&stats.udp_dropped_invalid);
+                Stats::inc(match why {
+                    Dropped::Oversized => &stats.udp_dropped_oversized,
+                    Dropped::Truncated(_) => &stats.udp_dropped_truncated,
+                    Dropped::Invalid(_) => &stats.udp_dropped_invalid,
+                });
                 if self.log.allow(now) {
                     warn!(target: CONN_TARGET, peer = %proxy, reason = why.kind(),
                           error = &why as &dyn std::error::Error, "invalid datagram dropped");
@@ -437,6 +441,7 @@ impl<'d> ToUpstream<'_, 'd> {
             return;
         };
         let sent = self.out.flush(fd);
+        Stats::add(&stats.udp_datagrams_sent, sent.sent as u64);
         if sent.failed > 0 {
             Stats::add(&stats.udp_upstream_errors, sent.failed as u64);
             if let Some(e) = sent.error {
@@ -553,7 +558,10 @@ mod tests {
             .expect("second answer")
             .unwrap();
         let s = &ctx.stats;
-        assert_eq!(s.udp_dropped_invalid.load(Ordering::Relaxed), 4);
+        // The empty datagram is a truncated header; the rest can never be valid.
+        assert_eq!(s.udp_dropped_truncated.load(Ordering::Relaxed), 1);
+        assert_eq!(s.udp_dropped_invalid.load(Ordering::Relaxed), 3);
+        assert_eq!(s.udp_datagrams_sent.load(Ordering::Relaxed), 2);
         assert_eq!(s.udp_flows_created.load(Ordering::Relaxed), 1);
         assert_eq!(s.udp_replies.load(Ordering::Relaxed), 2);
         assert_eq!(s.udp_datagrams.load(Ordering::Relaxed), 6);
