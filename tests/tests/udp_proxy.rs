@@ -310,7 +310,18 @@ fn burst_of_malformed_datagrams_is_dropped_counted_and_the_next_good_one_answere
     assert_eq!(s.echo.next_peer(WAIT)?, sa("198.51.100.41:4100"));
     let line = s.daemon.stats()?;
     let bad = (ROUNDS * cases.len()) as u64;
-    assert_eq!(counter(&line, "udp_dropped_invalid"), bad, "{line}");
+    // A datagram that ends inside the header it starts is counted apart.
+    let short = cases
+        .iter()
+        .filter(|(name, _)| matches!(*name, "truncated v2" | "empty"))
+        .count();
+    let truncated = (ROUNDS * short) as u64;
+    assert_eq!(counter(&line, "udp_dropped_truncated"), truncated, "{line}");
+    assert_eq!(
+        counter(&line, "udp_dropped_invalid"),
+        bad - truncated,
+        "{line}"
+    );
     assert_eq!(counter(&line, "udp_datagrams"), bad + 1, "{line}");
     assert_eq!(counter(&line, "udp_flows_created"), 1, "{line}");
     assert_eq!(counter(&line, "udp_upstream_errors"), 0, "{line}");
