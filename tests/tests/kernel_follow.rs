@@ -8,12 +8,13 @@
 //! and proxies a connection through the new path.
 use anyhow::{Context, Result};
 use mmproxy_tests::args::{DaemonArgs, Ebpf};
-use mmproxy_tests::balancer::proxied;
+use mmproxy_tests::balancer::{proxied, UdpBalancer};
 use mmproxy_tests::client::{bulk_roundtrip, roundtrip};
 use mmproxy_tests::daemon::{counter, Daemon};
 use mmproxy_tests::netns::Netns;
 use mmproxy_tests::tcx::{links, tcx_links};
 use mmproxy_tests::topology::*;
+use mmproxy_tests::udp_upstream::UdpEcho;
 use mmproxy_tests::upstream::EchoServer;
 use mmproxy_tests::{require_root, WAIT};
 
@@ -152,5 +153,40 @@ fn follows_a_new_container_an_added_address_a_moved_default_route_and_a_deleted_
     let line = d.stats()?;
     assert!(counter(&line, "return_path_updates") >= 4, "{line}");
     assert_eq!(counter(&line, "return_path_errors"), 0, "{line}");
+    Ok(())
+}
+
+/// UDP to a service bound to the wildcard (placement (b)) on a host that has no
+/// default route when mmproxy starts: nothing is attached, yet the `fwmark` rule is
+/// there and flows are registered, so the default route added later gets tc egress
+/// and the answers come back at once.
+#[test]
+fn udp_a_default_route_added_after_start_up_gets_the_egress_program() -> Result<()> {
+    require_root!();
+    let t = Topology::new()?;
+    t.host.ip(&["route", "del", "default"])?;
+    t.host.ip(&["-6", "route", "del", "default"])?;
+    let service = UdpEcho::start(&t.host, &["0.0.0.0:9000"])?;
+    let args = DaemonArgs::udp()
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9000")
+        .ebpf(Ebpf::On);
+    let d = Daemon::start(&t.host, &args)?;
+    d.wait_for("following the host's links", WAIT)?;
+    assert_eq!(tcx_links(d.pid(), &t.host)?, links(&[]));
+    let rules = t.host.rules_and_routes()?;
+    assert!(rules.contains("fwmark 0x6d6d7078 lookup 123"), "{rules}");
+
+    let since = d.log_len();
+    t.host.ip(&["route", "add", "default", "via", GW_V4])?;
+    updated(&d, since, "gw0", "none")?;
+    assert_eq!(tcx_links(d.pid(), &t.host)?, links(&[("gw0", "egress")]));
+    let lb = UdpBalancer::new(&t, LB_V4)?;
+    let client = "198.51.100.9:47100";
+    lb.roundtrip(client.parse()?, sock(HOST_V4, 8443).parse()?, b"late route")
+        .with_context(|| d.log_text())?;
+    assert_eq!(service.next_peer(WAIT)?, client.parse()?);
+    let line = d.stats()?;
+    assert!(counter(&line, "kernel_return_redirected") > 0, "{line}");
     Ok(())
 }
