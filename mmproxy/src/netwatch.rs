@@ -4,8 +4,8 @@
 //! address added to the host turns placement (c) into (a).
 //!
 //! Subscribed to rtnetlink's link, address and route groups of both families. An
-//! event only says "something changed": after a burst has settled for
-//! [`DEBOUNCE`], the choice is made again from a fresh dump by the very function
+//! event only says "something changed": [`DEBOUNCE`] after the first event of a
+//! burst (later ones join it), the choice is made again from a fresh dump by the very function
 //! start-up used ([`ReturnPolicy::choose`]) and the attachments are made equal to it
 //! ([`KernelSide::set_return_path`]). A dump rather than the event's contents,
 //! because events can be lost (the kernel reports an overrun, which triggers a
@@ -34,9 +34,11 @@ use crate::ebpf::tc_links::{Direction, TcChanges};
 use crate::ebpf::{KernelSide, ReturnInterfaces, ReturnPolicy};
 use crate::stats::Stats;
 
-/// How long a burst of events (a veth pair, its addresses and routes) may take to
-/// settle before the choice is made again. Together with a dump and the
-/// attachments this keeps a change well within a second.
+/// How long after the first event of a burst (a veth pair, its addresses and
+/// routes) the choice is made again, the burst's later events included. A window
+/// from the first event rather than a wait for quiet: a host that never stops
+/// changing still gets its change applied within a second, and at most five
+/// re-evaluations a second.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// After a failed re-evaluation (a dump or an attachment failed), the next attempt.

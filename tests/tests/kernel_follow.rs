@@ -6,6 +6,8 @@
 //! Each step waits for the daemon's "return path updated" line naming the whole new
 //! state, then checks the links the process holds (its descriptors, not its word)
 //! and proxies a connection through the new path.
+use std::time::Instant;
+
 use anyhow::{Context, Result};
 use mmproxy_tests::args::{DaemonArgs, Ebpf};
 use mmproxy_tests::balancer::{proxied, UdpBalancer};
@@ -50,6 +52,15 @@ fn updated(d: &Daemon, since: usize, egress: &str, ingress: &str) -> Result<usiz
     }
 }
 
+/// From the first command of a change to the daemon's line saying it is applied:
+/// printed for BENCHMARKS.md, never asserted.
+fn shown(change: &str, started: Instant) {
+    eprintln!(
+        "return path follow: {change} applied after {:?}",
+        started.elapsed()
+    );
+}
+
 /// One proxied connection from `client` through the balancer's `lb` address to
 /// mmproxy on `host`:8443; the echo must come back intact and the service must see
 /// the client.
@@ -87,12 +98,14 @@ fn follows_a_new_container_an_added_address_a_moved_default_route_and_a_deleted_
     // 1. A container behind a new veth, the host its gateway: placement (c).
     let since = d.log_len();
     let app = Netns::new("app")?;
+    let started = Instant::now();
     t.host.link("app0", &app, "eth0")?;
     t.host.addr("app0", &format!("{APP_GW_V4}/25"))?;
     app.addr("eth0", &format!("{APP_V4}/25"))?;
     app.ip(&["route", "add", "default", "via", APP_GW_V4])?;
     let echo4 = EchoServer::start(&app, &sock(APP_V4, 9000))?;
     let since = updated(&d, since, "none", "app0,gw0")?;
+    shown("a container's veth", started);
     assert_eq!(
         tcx_links(d.pid(), &t.host)?,
         links(&[("app0", "ingress"), ("gw0", "ingress")])
@@ -108,9 +121,11 @@ fn follows_a_new_container_an_added_address_a_moved_default_route_and_a_deleted_
 
     // 2. The IPv6 target becomes one of the host's own addresses: placement (a),
     // tc egress on the default route's interface, nothing on ingress for it.
+    let started = Instant::now();
     t.host.addr("lo", &format!("{LATE_V6}/128"))?;
     let echo6 = EchoServer::start(&t.host, &sock(LATE_V6, 9000))?;
     let since = updated(&d, since, "gw0", "app0")?;
+    shown("an added address", started);
     assert_eq!(
         tcx_links(d.pid(), &t.host)?,
         links(&[("app0", "ingress"), ("gw0", "egress")])
@@ -127,12 +142,14 @@ fn follows_a_new_container_an_added_address_a_moved_default_route_and_a_deleted_
     t.host.addr("gw1", &format!("{GW1_HOST_V6}/64"))?;
     gw1.addr("eth0", &format!("{GW1_V4}/26"))?;
     gw1.addr("eth0", &format!("{GW1_V6}/64"))?;
+    let started = Instant::now();
     t.host
         .ip(&["route", "replace", "default", "via", GW1_V4, "dev", "gw1"])?;
     t.host.ip(&[
         "-6", "route", "replace", "default", "via", GW1_V6, "dev", "gw1",
     ])?;
     let since = updated(&d, since, "gw1", "app0")?;
+    shown("moved default routes", started);
     assert_eq!(
         tcx_links(d.pid(), &t.host)?,
         links(&[("app0", "ingress"), ("gw1", "egress")])
@@ -144,8 +161,10 @@ fn follows_a_new_container_an_added_address_a_moved_default_route_and_a_deleted_
 
     // 4. The container's veth is deleted: its link goes (no defunct link stays
     // held), and the IPv4 target is routed over gw0's /24 again.
+    let started = Instant::now();
     t.host.ip(&["link", "del", "app0"])?;
     updated(&d, since, "gw1", "gw0")?;
+    shown("a deleted veth", started);
     assert_eq!(
         tcx_links(d.pid(), &t.host)?,
         links(&[("gw0", "ingress"), ("gw1", "egress")])
