@@ -43,6 +43,7 @@ pub async fn run(args: Args) -> Result<()> {
         Bound::Udp(groups) => start_kernel_side(&args, &allowed, groups).await?,
     };
     monitoring.kernel(kernel.as_ref());
+    let follower = crate::netwatch::start(&args, kernel.as_ref(), &stats).await;
     let steering = kernel
         .as_ref()
         .map(lock)
@@ -124,6 +125,7 @@ pub async fn run(args: Args) -> Result<()> {
             ),
         }
     }
+    drop(follower);
     drop(kernel);
     stats_task.abort();
     monitoring.stop().await;
@@ -264,13 +266,11 @@ async fn start_kernel_side<S: std::os::fd::AsRawFd>(
             args.mark
         );
     }
-    let return_path = ebpf::ifaces::choose(
-        &[args.target4.addr, args.target6.addr],
-        args.protocol == Protocol::Udp,
-        &args.return_interfaces,
-    )
-    .await
-    .context("choosing the interfaces for return-path steering")?;
+    let policy = crate::netwatch::policy(args);
+    let return_path = policy
+        .choose(None, ebpf::ifaces::Stage::StartUp)
+        .await
+        .context("choosing the interfaces for return-path steering")?;
     for note in &return_path.notes {
         warn!("return path: {note}");
     }
@@ -282,6 +282,7 @@ async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         allowed: current.as_ref().map(|_| (&v4[..], &v6[..])),
         verbose: args.verbose,
         return_path: &return_path,
+        may_steer: policy.may_steer(),
         return_mark: args.return_mark,
         flow_capacity: u32::try_from(args.max_connections.saturating_add(args.max_flows))
             .unwrap_or(u32::MAX)

@@ -15,6 +15,7 @@ pub mod ebpf;
 pub mod logging;
 pub mod metrics;
 pub mod netns_lease;
+pub mod netwatch;
 pub mod notify;
 pub mod proxy_protocol;
 pub mod routing;

@@ -108,6 +108,13 @@ counters! {
     udp_replies_foreign,
     /// UDP answers that could not be sent back to the proxy.
     udp_reply_errors,
+    /// Re-evaluations of the return path's interfaces after the host's links,
+    /// addresses or routes changed (and the one at start-up).
+    return_path_evaluations,
+    /// Re-evaluations that attached or detached a tc program.
+    return_path_updates,
+    /// Re-evaluations that failed (netlink or an attachment); each is retried.
+    return_path_errors,
 }
 
 impl Stats {

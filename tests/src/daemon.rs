@@ -162,6 +162,11 @@ impl Daemon {
         self.wait_for_after(needle, 0, timeout)
     }
 
+    /// How many lines the daemon has logged so far (for [`Daemon::wait_for_after`]).
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().map(|l| l.lines.len()).unwrap_or(0)
+    }
+
     pub fn log_text(&self) -> String {
         self.log
             .0

@@ -10,7 +10,9 @@
 //!   **ingress** there.
 //!
 //! `--return-interface` names further interfaces; both programs go on those. The
-//! choice is made once at start-up, from the main routing table.
+//! choice is made from the main routing table by [`ReturnPolicy::choose`], at
+//! start-up and again whenever the host's links, addresses or routes change
+//! ([`crate::netwatch`]): one function, so the two can never disagree.
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -96,25 +98,70 @@ impl NetView {
     }
 }
 
-/// Chooses the interfaces for `targets` (the `-4` and `-6` addresses).
-pub async fn choose(
-    targets: &[IpAddr],
-    udp: bool,
-    explicit: &[String],
-) -> Result<ReturnInterfaces, IfaceError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Socket)?;
-    let task = tokio::spawn(conn);
-    let view = view(&handle).await;
-    task.abort();
-    decide(&view?, targets, udp, explicit)
+/// What the choice depends on besides the namespace's state: fixed by the
+/// configuration, the same at start-up and for every later re-evaluation.
+#[derive(Clone, Debug)]
+pub struct ReturnPolicy {
+    /// The `-4` and `-6` addresses.
+    pub targets: Vec<IpAddr>,
+    pub udp: bool,
+    /// `--return-interface`.
+    pub explicit: Vec<String>,
+}
+
+/// When the choice is made: a `--return-interface` that does not exist stops
+/// start-up (a typo), but one that goes away later is only noted (it may come back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    StartUp,
+    Running,
+}
+
+impl ReturnPolicy {
+    /// Whether answers may ever need the tc programs under this configuration,
+    /// whatever the host's network becomes: then flows are registered and the
+    /// `fwmark` rule is installed from the start, so that an interface chosen later
+    /// steers at once. Only TCP with loopback targets never needs them.
+    pub fn may_steer(&self) -> bool {
+        !self.explicit.is_empty()
+            || self
+                .targets
+                .iter()
+                .any(|t| self.udp || !t.to_canonical().is_loopback())
+    }
+
+    /// Chooses the interfaces from the namespace's current state, over `handle`
+    /// (`None`: a netlink socket of its own, for start-up).
+    pub async fn choose(
+        &self,
+        handle: Option<&Handle>,
+        stage: Stage,
+    ) -> Result<ReturnInterfaces, IfaceError> {
+        let view = match handle {
+            Some(h) => view(h).await,
+            None => {
+                let (conn, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Socket)?;
+                let task = tokio::spawn(conn);
+                let view = view(&handle).await;
+                task.abort();
+                view
+            }
+        };
+        decide(&view?, self, stage)
+    }
 }
 
 fn decide(
     view: &NetView,
-    targets: &[IpAddr],
-    udp: bool,
-    explicit: &[String],
+    policy: &ReturnPolicy,
+    stage: Stage,
 ) -> Result<ReturnInterfaces, IfaceError> {
+    let ReturnPolicy {
+        targets,
+        udp,
+        explicit,
+    } = policy;
+    let udp = *udp;
     let mut out = ReturnInterfaces::default();
     let add = |set: &mut BTreeSet<String>, notes: &mut Vec<String>, index: u32| {
         match view.name(index) {
@@ -162,13 +209,18 @@ fn decide(
         }
     }
     for name in explicit {
-        match view.links.iter().find(|l| &l.name == name) {
+        let problem = match view.links.iter().find(|l| &l.name == name) {
             Some(l) if l.ether => {
                 out.egress.insert(name.clone());
                 out.ingress.insert(name.clone());
+                continue;
             }
-            Some(_) => return Err(IfaceError::NotEthernet(name.clone())),
-            None => return Err(IfaceError::NoSuchInterface(name.clone())),
+            Some(_) => IfaceError::NotEthernet(name.clone()),
+            None => IfaceError::NoSuchInterface(name.clone()),
+        };
+        match stage {
+            Stage::StartUp => return Err(problem),
+            Stage::Running => out.notes.push(problem.to_string()),
         }
     }
     Ok(out)
@@ -240,7 +292,9 @@ async fn view(handle: &Handle) -> Result<NetView, IfaceError> {
     })
 }
 
-fn unicast_main_route(m: &RouteMessage, v4: bool) -> Option<Route> {
+/// Whether a route (dumped or announced) belongs to the main table, the only one
+/// the choice reads.
+pub fn in_main_table(m: &RouteMessage) -> bool {
     let table = m
         .attributes
         .iter()
@@ -249,7 +303,11 @@ fn unicast_main_route(m: &RouteMessage, v4: bool) -> Option<Route> {
             _ => None,
         })
         .unwrap_or(u32::from(m.header.table));
-    if table != MAIN_TABLE || m.header.kind != RouteType::Unicast {
+    table == MAIN_TABLE
+}
+
+fn unicast_main_route(m: &RouteMessage, v4: bool) -> Option<Route> {
+    if !in_main_table(m) || m.header.kind != RouteType::Unicast {
         return None;
     }
     let mut dst: IpAddr = if v4 {
@@ -323,6 +381,20 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn decide(
+        view: &NetView,
+        targets: &[IpAddr],
+        udp: bool,
+        explicit: &[String],
+    ) -> Result<ReturnInterfaces, IfaceError> {
+        let policy = ReturnPolicy {
+            targets: targets.to_vec(),
+            udp,
+            explicit: explicit.to_vec(),
+        };
+        super::decide(view, &policy, Stage::StartUp)
+    }
+
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -374,5 +446,58 @@ mod tests {
             decide(&host(), &[], false, &["tun0".into()]),
             Err(IfaceError::NotEthernet(_))
         ));
+    }
+
+    #[test]
+    fn a_new_veth_a_moved_default_route_and_a_new_address_change_the_choice() {
+        let targets = [ip("203.0.113.140"), ip("2001:db8:e::7")];
+        let mut v = host();
+        // Before the container's veth exists the default route carries both.
+        v.routes.retain(|r| r.oifs != vec![4]);
+        let r = decide(&v, &targets, false, &[]).unwrap();
+        assert_eq!(r.ingress, set(&["gw0"]));
+        // The veth and its /25: the IPv4 target moves there.
+        v.routes.push(Route {
+            dst: "203.0.113.128/25".parse().unwrap(),
+            oifs: vec![4],
+        });
+        let r = decide(&v, &targets, false, &[]).unwrap();
+        assert_eq!(r.ingress, set(&["app0", "gw0"]));
+        // The IPv6 target becomes one of the host's own addresses: placement (a).
+        v.local.push(ip("2001:db8:e::7"));
+        let r = decide(&v, &targets, false, &[]).unwrap();
+        assert_eq!((r.egress, r.ingress), (set(&["gw0"]), set(&["app0"])));
+        // The default route moves to eth0: so does the egress program.
+        for r in v.routes.iter_mut().filter(|r| r.dst.prefix_len() == 0) {
+            r.oifs = vec![2];
+        }
+        let r = decide(&v, &targets, false, &[]).unwrap();
+        assert_eq!((r.egress, r.ingress), (set(&["eth0"]), set(&["app0"])));
+    }
+
+    #[test]
+    fn a_vanished_return_interface_is_fatal_at_start_up_only() {
+        let policy = ReturnPolicy {
+            targets: vec![],
+            udp: false,
+            explicit: vec!["gone0".into()],
+        };
+        assert!(super::decide(&host(), &policy, Stage::StartUp).is_err());
+        let r = super::decide(&host(), &policy, Stage::Running).unwrap();
+        assert!(r.is_empty() && r.notes.len() == 1, "{r:?}");
+    }
+
+    #[test]
+    fn only_tcp_with_loopback_targets_never_steers() {
+        let policy = |targets: &[&str], udp, explicit: &[&str]| ReturnPolicy {
+            targets: targets.iter().map(|t| ip(t)).collect(),
+            udp,
+            explicit: explicit.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(!policy(&["127.0.0.1", "::1"], false, &[]).may_steer());
+        assert!(!policy(&["::ffff:127.0.0.1"], false, &[]).may_steer());
+        assert!(policy(&["127.0.0.1", "::1"], true, &[]).may_steer());
+        assert!(policy(&["127.0.0.1", "::1"], false, &["eth0"]).may_steer());
+        assert!(policy(&["127.0.0.1", "203.0.113.130"], false, &[]).may_steer());
     }
 }

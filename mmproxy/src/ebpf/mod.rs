@@ -1,7 +1,8 @@
 //! The kernel side, seen from the daemon: loads the embedded BPF object, attaches the
 //! sk_lookup program to the daemon's network namespace and the return-path tc
-//! programs to the interfaces [`ifaces`] chose, and keeps the maps in step with the
-//! configuration and the live flows ([`flow_map`]).
+//! programs to the interfaces [`ifaces`] chose ([`tc_links`], again whenever the
+//! choice changes), and keeps the maps in step with the configuration and the live
+//! flows ([`flow_map`]).
 //!
 //! Everything is held by [`KernelSide`]: programs are attached through links owned by
 //! this process, so dropping it — or the process dying, even by SIGKILL — detaches
@@ -11,13 +12,14 @@ pub mod ifaces;
 mod rules;
 mod subnets;
 mod sysctl;
+pub mod tc_links;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockMap};
-use aya::programs::{ProgramError, SchedClassifier, SkLookup, TcAttachType};
+use aya::programs::{ProgramError, SkLookup};
 use aya::{Ebpf, EbpfError as AyaError, EbpfLoader};
 use ipnet::{Ipv4Net, Ipv6Net};
 use mmproxy_common::{map_names, program_names, Config, Counter, FlowKey, ListenRule};
@@ -25,10 +27,11 @@ use tokio::io::unix::AsyncFd;
 
 use flow_map::KernelFlows;
 pub use flow_map::{FlowMapError, FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
-pub use ifaces::ReturnInterfaces;
+pub use ifaces::{ReturnInterfaces, ReturnPolicy};
 pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};
 use sysctl::AcceptLocal;
+use tc_links::{Direction, TcChanges, TcLinks};
 
 /// Set to 1 to make [`KernelSide::load`] fail, so the userspace fallback of
 /// `--ebpf auto` can be tested on a machine where BPF works.
@@ -128,8 +131,11 @@ pub struct KernelOptions<'a> {
     pub allowed: Option<(&'a [Ipv4Net], &'a [Ipv6Net])>,
     /// Kernel events are only formatted and sent up at this verbosity.
     pub verbose: u8,
-    /// Interfaces for the return-path tc programs; empty: no return steering.
+    /// Interfaces for the return-path tc programs now.
     pub return_path: &'a ReturnInterfaces,
+    /// Answers may need steering, now or after the host's network changes
+    /// ([`ReturnPolicy::may_steer`]): flows are registered.
+    pub may_steer: bool,
     /// Mark on steered answers (`--return-mark`).
     pub return_mark: u32,
     /// Capacity of the flow table: concurrent TCP connections plus UDP flows.
@@ -145,10 +151,10 @@ pub struct KernelSide {
     counters: PerCpuArray<MapData, u64>,
     listeners: SockMap<MapData>,
     flows: Arc<KernelFlows>,
-    /// tc programs are attached: answers of registered flows are steered.
+    /// Answers of registered flows may be steered by tc, now or later.
     return_steering: bool,
-    /// (program, attached) for every program of the object, for the metrics.
-    attached: [(&'static str, bool); 3],
+    /// Which interfaces hold the tc programs.
+    tc: TcLinks,
     /// lo's accept_local is on for this process (restored by the last one out).
     accept_local: Option<AcceptLocal>,
     logger: Option<tokio::task::JoinHandle<()>>,
@@ -237,13 +243,6 @@ impl KernelSide {
             .attach(netns)
             .map_err(|source| prog_err(program_names::SK_LOOKUP, source))?;
 
-        // Answers redirected into lo carry one of this host's addresses as their
-        // source, which lo drops as martian unless accept_local is on.
-        let accept_local = if opts.return_path.egress.is_empty() {
-            None
-        } else {
-            Some(AcceptLocal::enable().map_err(EbpfError::Sysctl)?)
-        };
         let mut kernel = Self {
             allowed_v4,
             allowed_v6,
@@ -251,74 +250,44 @@ impl KernelSide {
             counters,
             listeners,
             flows: KernelFlows::new(flows_map, flow_capacity),
-            return_steering: !opts.return_path.is_empty(),
-            // Loading fails unless every program asked for is attached.
-            attached: [
-                (program_names::SK_LOOKUP, true),
-                (
-                    program_names::TC_EGRESS,
-                    !opts.return_path.egress.is_empty(),
-                ),
-                (
-                    program_names::TC_INGRESS,
-                    !opts.return_path.ingress.is_empty(),
-                ),
-            ],
-            accept_local,
+            return_steering: opts.may_steer || !opts.return_path.is_empty(),
+            tc: TcLinks::default(),
+            accept_local: None,
             logger,
             _ebpf: ebpf,
         };
-        // The tc links are owned by the program inside `_ebpf`: they close with it,
-        // or with the process however it ends.
-        kernel.attach_tc(
-            program_names::TC_EGRESS,
-            &opts.return_path.egress,
-            TcAttachType::Egress,
-        )?;
-        kernel.attach_tc(
-            program_names::TC_INGRESS,
-            &opts.return_path.ingress,
-            TcAttachType::Ingress,
-        )?;
+        // Start-up fails unless every program asked for is attached.
+        let changes = kernel.set_return_path(opts.return_path);
+        if let Some(e) = changes.failed.into_iter().next() {
+            return Err(e);
+        }
         Ok(kernel)
     }
 
-    fn attach_tc<'i>(
-        &mut self,
-        name: &'static str,
-        ifaces: impl IntoIterator<Item = &'i String>,
-        direction: TcAttachType,
-    ) -> Result<(), EbpfError> {
-        let mut ifaces = ifaces.into_iter().peekable();
-        if ifaces.peek().is_none() {
-            return Ok(());
+    /// Puts the tc programs on exactly the interfaces of `want`. The links are
+    /// owned by the programs inside `_ebpf`: they close with it, or with the process
+    /// however it ends.
+    pub fn set_return_path(&mut self, want: &ReturnInterfaces) -> TcChanges {
+        // Answers redirected into lo carry one of this host's addresses as their
+        // source, which lo drops as martian unless accept_local is on. Once on, it
+        // stays on until exit (the last instance restores it).
+        let mut sysctl_failed = None;
+        if !want.egress.is_empty() && self.accept_local.is_none() {
+            match AcceptLocal::enable() {
+                Ok(setting) => self.accept_local = Some(setting),
+                Err(e) => sysctl_failed = Some(EbpfError::Sysctl(e)),
+            }
         }
-        let program: &mut SchedClassifier = self
-            ._ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| prog_err(name, source))?;
-        program.load().map_err(|source| prog_err(name, source))?;
-        for iface in ifaces {
-            // TCX links (Linux >= 6.6): owned by this process, appended after any
-            // program already there, never replacing one.
-            program
-                .attach(iface, direction)
-                .map_err(|source| EbpfError::Attach {
-                    program: name,
-                    iface: iface.clone(),
-                    direction: match direction {
-                        TcAttachType::Ingress => "ingress",
-                        _ => "egress",
-                    },
-                    source: Box::new(source),
-                })?;
-        }
-        Ok(())
+        let mut changes = self
+            .tc
+            .apply(&mut self._ebpf, want, sysctl_failed.is_some());
+        changes.failed.extend(sysctl_failed);
+        changes
+    }
+
+    /// The interfaces holding each tc program now.
+    pub fn return_interfaces(&self) -> ReturnInterfaces {
+        self.tc.current()
     }
 
     /// Where the proxies register their upstream flows.
@@ -326,8 +295,9 @@ impl KernelSide {
         Arc::new(self.flows.clone())
     }
 
-    /// Whether tc programs steer answers of registered flows (then the `fwmark`
-    /// rule is needed, and the proxies must register their flows).
+    /// Whether tc programs may steer answers of registered flows, now or once the
+    /// host's network changes (then the `fwmark` rule is needed, and the proxies
+    /// must register their flows).
     pub fn return_steering(&self) -> bool {
         self.return_steering
     }
@@ -378,7 +348,11 @@ impl KernelSide {
 
     /// (program, attached) for every program of the BPF object.
     pub fn attached_programs(&self) -> Vec<(&'static str, bool)> {
-        self.attached.to_vec()
+        vec![
+            (program_names::SK_LOOKUP, true),
+            (program_names::TC_EGRESS, self.tc.holds(Direction::Egress)),
+            (program_names::TC_INGRESS, self.tc.holds(Direction::Ingress)),
+        ]
     }
 
     /// Kernel counters summed over CPUs, with their names.

@@ -82,6 +82,8 @@ pub trait KernelView: Send + Sync {
     fn counters(&self) -> Vec<(&'static str, u64)>;
     /// (program name, attached) for every program of the BPF object.
     fn attached(&self) -> Vec<(&'static str, bool)>;
+    /// How many interfaces hold the tc egress and the tc ingress program now.
+    fn return_interfaces(&self) -> [u64; 2];
 }
 
 impl KernelView for Mutex<KernelSide> {
@@ -97,6 +99,14 @@ impl KernelView for Mutex<KernelSide> {
         self.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .attached_programs()
+    }
+
+    fn return_interfaces(&self) -> [u64; 2] {
+        let now = self
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .return_interfaces();
+        [now.egress.len() as u64, now.ingress.len() as u64]
     }
 }
 
@@ -406,6 +416,28 @@ impl Collector for Metrics {
             self.max_flows,
         )?;
 
+        counter(
+            e,
+            "return_path_evaluations",
+            "Choices of the return path's interfaces made again after the host's links, addresses or routes changed (and once at start-up).",
+            None,
+            load(&s.return_path_evaluations),
+        )?;
+        counter(
+            e,
+            "return_path_updates",
+            "Re-evaluations of the return path that attached or detached a tc program.",
+            None,
+            load(&s.return_path_updates),
+        )?;
+        counter(
+            e,
+            "return_path_errors",
+            "Re-evaluations of the return path that failed (netlink, an attachment); each is retried.",
+            None,
+            load(&s.return_path_errors),
+        )?;
+
         self.encode_kernel(e)
     }
 }
@@ -431,6 +463,19 @@ impl Metrics {
             let on = attached.iter().any(|(p, a)| *p == name && *a);
             let label = name.strip_prefix("mmproxy_").unwrap_or(name);
             ConstGauge::new(u64::from(on)).encode(m.encode_family(&[("program", label)])?)?;
+        }
+        let [egress, ingress] = kernel
+            .as_ref()
+            .map(|k| k.return_interfaces())
+            .unwrap_or_default();
+        let mut m = e.encode_descriptor(
+            "return_path_interfaces",
+            "Interfaces holding a return-path tc program now, by direction.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (direction, n) in [("egress", egress), ("ingress", ingress)] {
+            ConstGauge::new(n).encode(m.encode_family(&[("direction", direction)])?)?;
         }
         let Some(kernel) = kernel else {
             return Ok(());

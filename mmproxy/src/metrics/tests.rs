@@ -26,6 +26,10 @@ impl KernelView for FakeKernel {
             (program_names::TC_INGRESS, false),
         ]
     }
+
+    fn return_interfaces(&self) -> [u64; 2] {
+        [1, 0]
+    }
 }
 
 fn args(extra: &[&str]) -> Args {
@@ -91,6 +95,9 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
     set(&s.udp_replies, 27);
     set(&s.udp_replies_foreign, 28);
     set(&s.udp_reply_errors, 29);
+    set(&s.return_path_evaluations, 35);
+    set(&s.return_path_updates, 36);
+    set(&s.return_path_errors, 37);
     let text = scrape(&m);
     for (series, want) in [
         ("mmproxy_tcp_connections_accepted_total", 11.0),
@@ -205,6 +212,9 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
             29.0,
         ),
         ("mmproxy_ready", 0.0),
+        ("mmproxy_return_path_evaluations_total", 35.0),
+        ("mmproxy_return_path_updates_total", 36.0),
+        ("mmproxy_return_path_errors_total", 37.0),
     ] {
         assert_eq!(value(&text, series), Some(want), "{series}\n{text}");
     }
@@ -239,8 +249,11 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
             + 27
             + 28
             + 29
+            + 35
+            + 36
+            + 37
     );
-    assert_eq!(s.snapshot().len(), 27, "a new Stats counter needs a metric");
+    assert_eq!(s.snapshot().len(), 30, "a new Stats counter needs a metric");
 }
 
 #[test]
@@ -353,6 +366,8 @@ fn kernel_counters_are_read_at_scrape_time_and_vanish_with_the_kernel_side() {
             "mmproxy_kernel_program_attached{program=\"tc_ingress\"}",
             0.0,
         ),
+        ("mmproxy_return_path_interfaces{direction=\"egress\"}", 1.0),
+        ("mmproxy_return_path_interfaces{direction=\"ingress\"}", 0.0),
     ] {
         assert_eq!(value(&text, series), Some(want), "{series}\n{text}");
     }
