@@ -75,6 +75,7 @@ fn ten_upgrades(args: DaemonArgs, ports: &'static [u16]) -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
+    let (mut took_ms, mut drained) = (Vec::new(), Vec::new());
     let mut streams = Vec::new();
     thread::scope(|scope| -> Result<()> {
         let generator = {
@@ -90,12 +91,14 @@ fn ten_upgrades(args: DaemonArgs, ports: &'static [u16]) -> Result<()> {
                 let ok_before = tally.ok.load(Ordering::Relaxed);
                 let new = Daemon::start(&t.host, &args)
                     .with_context(|| format!("upgrade {n}: the new instance"))?;
-                new.wait_for(TOOK_OVER, WAIT).with_context(|| {
+                let took = new.wait_for(TOOK_OVER, WAIT).with_context(|| {
                     format!("upgrade {n}: no takeover; log:\n{}", new.log_text())
                 })?;
-                daemons[old]
+                let handed = daemons[old]
                     .wait_for(HANDED_OVER, WAIT)
                     .with_context(|| format!("upgrade {n}: the old instance did not hand over"))?;
+                took_ms.push(field(&took, "took_ms"));
+                drained.push(field(&handed, "connections"));
                 daemons.push(new);
                 // Each instance gets a stream of its own to drain later.
                 streams.push(Stream::start(&t, ports[n % ports.len()], 100 + n as u64)?);
@@ -124,6 +127,7 @@ fn ten_upgrades(args: DaemonArgs, ports: &'static [u16]) -> Result<()> {
         tally.slowest_us.load(Ordering::Relaxed),
         streams.len()
     );
+    eprintln!("upgrade: handoff took {took_ms:?} ms; connections left to drain {drained:?}");
     ensure!(
         refused == 0 && reset == 0 && other.is_empty(),
         "refused {refused}, reset {reset}, other {other:?}"
@@ -165,18 +169,40 @@ fn ten_upgrades(args: DaemonArgs, ports: &'static [u16]) -> Result<()> {
     Ok(())
 }
 
+/// A `name=value` number in a log line (0 when absent).
+fn field(line: &str, name: &str) -> u64 {
+    mmproxy_tests::daemon::counter(line, name)
+}
+
 /// A connection from the balancer to mmproxy's `port`, with a v1 header for a
-/// fixed client.
+/// client 198.51.100.9 on a port no other connection of the test uses.
 fn proxied_to(t: &Topology, port: u16) -> std::io::Result<TcpStream> {
     let mm = sock(HOST_V4, port);
-    let mut c = connect_from(&t.lb, Some(LB_V4), &mm, WAIT)
+    let c = connect_from(&t.lb, Some(LB_V4), &mm, WAIT)
         .map_err(|e| std::io::Error::other(e.to_string()))??;
+    with_header(c, port)
+}
+
+/// [`proxied_to`] from a thread that is in the balancer's namespace already.
+fn proxied_here(port: u16) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(LB_V4.parse().map_err(std::io::Error::other)?, 0).into())?;
+    let mm: SocketAddr = sock(HOST_V4, port).parse().map_err(std::io::Error::other)?;
+    socket.connect_timeout(&mm.into(), WAIT)?;
+    socket.set_tcp_nodelay(true)?;
+    with_header(socket.into(), port)
+}
+
+fn with_header(mut c: TcpStream, port: u16) -> std::io::Result<TcpStream> {
     c.set_read_timeout(Some(WAIT))?;
+    let mm: SocketAddr = sock(HOST_V4, port).parse().map_err(std::io::Error::other)?;
+    // A client port of its own: the upstream 4-tuple of an earlier connection may
+    // still be in TIME_WAIT.
+    static NEXT_PORT: AtomicU64 = AtomicU64::new(0);
+    let client_port = 20_000 + NEXT_PORT.fetch_add(1, Ordering::Relaxed) % 40_000;
     let header = encode_v1(
-        "198.51.100.9:40000"
-            .parse()
-            .map_err(std::io::Error::other)?,
-        mm.parse().map_err(std::io::Error::other)?,
+        SocketAddr::new([198, 51, 100, 9].into(), client_port as u16),
+        mm,
     );
     c.write_all(&header)?;
     Ok(c)
@@ -192,9 +218,26 @@ fn echo_once(c: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One short connection every 4 ms until `stop`, alternating over `ports`.
+/// [`GENERATORS`] threads in the balancer's namespace, each opening one short
+/// connection every [`GENERATOR_PERIOD`] until `stop`, alternating over `ports`.
 fn generate(t: &Topology, ports: &[u16], stop: &AtomicBool, tally: &Tally) -> Result<()> {
-    let period = Duration::from_millis(4);
+    thread::scope(|scope| {
+        let threads: Vec<_> = (0..GENERATORS)
+            .map(|_| scope.spawn(|| t.lb.enter(|| generate_here(ports, stop, tally))))
+            .collect();
+        for th in threads {
+            th.join()
+                .map_err(|_| anyhow::anyhow!("generator panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+const GENERATORS: usize = 2;
+const GENERATOR_PERIOD: Duration = Duration::from_millis(4);
+
+fn generate_here(ports: &[u16], stop: &AtomicBool, tally: &Tally) {
+    let period = GENERATOR_PERIOD;
     let start = Instant::now();
     let mut i: u32 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -205,7 +248,7 @@ fn generate(t: &Topology, ports: &[u16], stop: &AtomicBool, tally: &Tally) -> Re
         let port = ports[i as usize % ports.len()];
         i += 1;
         let began = Instant::now();
-        let result = proxied_to(t, port).and_then(|mut c| {
+        let result = proxied_here(port).and_then(|mut c| {
             echo_once(&mut c, &i.to_be_bytes())?;
             c.shutdown(Shutdown::Write)?;
             let mut rest = Vec::new();
@@ -236,7 +279,6 @@ fn generate(t: &Topology, ports: &[u16], stop: &AtomicBool, tally: &Tally) -> Re
             }
         }
     }
-    Ok(())
 }
 
 /// A long-lived connection streaming pseudo-random bytes through mmproxy to the
@@ -434,4 +476,83 @@ fn udp_flow_answered_across_upgrades() -> Result<()> {
     }
     drop(last);
     Ok(())
+}
+
+/// SIGUSR2 (what `systemctl reload` sends): the daemon starts its own binary with
+/// its own arguments, which takes over; the old process tells the service manager
+/// that the new one is the main process, then exits.
+#[test]
+fn sigusr2_starts_a_successor_that_becomes_the_main_process() -> Result<()> {
+    require_root!();
+    let t = Topology::new()?;
+    let _echo = EchoServer::start(&t.host, "127.0.0.1:9000")?;
+    let dir = mmproxy_tests::haproxy::TempDir::new("notify")?;
+    let notify_path = dir.0.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
+    notify.set_read_timeout(Some(WAIT))?;
+    let args = DaemonArgs::tcp()
+        .listen("0.0.0.0:8443")
+        .target4("127.0.0.1:9000")
+        .shutdown_grace(30)
+        .verbose(1);
+    let mut old = Daemon::start_shell(
+        &t.host,
+        &format!("export NOTIFY_SOCKET='{}'", notify_path.display()),
+        &args,
+    )?;
+    let mut live = proxied_to(&t, 8443)?;
+    echo_once(&mut live, b"before")?;
+    old.signal(libc::SIGUSR2);
+    // The successor writes to the same output as the old process.
+    let started = old.wait_for("started a new mmproxy to take over", WAIT)?;
+    let child: i32 = started
+        .split("pid=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no pid in {started:?}"))?;
+    let successor = Successor(child);
+    old.wait_for(TOOK_OVER, WAIT)?;
+    old.wait_for(HANDED_OVER, WAIT)?;
+    let want = format!("MAINPID={child}\nREADY=1");
+    let mut buf = [0u8; 512];
+    let mut seen = Vec::new();
+    while !seen.iter().any(|m: &String| m.trim_end() == want) {
+        let n = notify
+            .recv(&mut buf)
+            .with_context(|| format!("no {want:?} among {seen:?}"))?;
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    ensure!(
+        seen.iter().any(|m| m.starts_with("RELOADING=1")),
+        "{seen:?}"
+    );
+    // The connection the old process accepted still works; new ones go to the
+    // successor; the old one exits once its connection ends.
+    let mut fresh = proxied_to(&t, 8443)?;
+    echo_once(&mut fresh, b"to the successor")?;
+    echo_once(&mut live, b"still the old one")?;
+    drop(live);
+    ensure!(old.wait_exit(WAIT)?.success(), "{}", old.log_text());
+    echo_once(&mut fresh, b"after the old one left")?;
+    drop(successor);
+    Ok(())
+}
+
+/// A process the test did not start itself: SIGTERM on drop, then wait until gone.
+struct Successor(i32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the successor's pid, read from its own log line.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let state = std::fs::read_to_string(format!("/proc/{}/stat", self.0));
+            match state {
+                Ok(s) if !s.contains(") Z") => thread::sleep(Duration::from_millis(20)),
+                _ => return,
+            }
+        }
+    }
 }
