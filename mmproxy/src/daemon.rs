@@ -97,14 +97,16 @@ pub async fn run(args: Args) -> Result<()> {
         // wildcard listen range is not taken for a proxy's datagram.
         Bound::Udp(groups) => serving.udp(groups, kernel.as_ref().map(lock).map(|k| k.flows()))?,
     };
+    // Before the ready line: after an upgrade, ready means the old instance has
+    // stopped accepting, and the offer to the next one is up.
+    let offer =
+        handoff::start::settle(takeover, &listen_set, offered, monitoring.endpoint_socket()).await;
     monitoring.readiness().set_ready();
     info!(
         listen = %listening.join(","),
         ebpf = kernel.is_some(),
         "mmproxy ready"
     );
-    let offer =
-        handoff::start::settle(takeover, &listen_set, offered, monitoring.endpoint_socket()).await;
     crate::notify::ready();
     let _watchdog = crate::notify::spawn_watchdog();
 
