@@ -95,7 +95,8 @@ pub struct Args {
     #[arg(long = "max-flows", default_value_t = 65_536)]
     pub max_flows: usize,
 
-    /// Seconds live connections get to finish after SIGTERM/SIGINT
+    /// Seconds live connections get to finish after SIGTERM/SIGINT, or after a new
+    /// mmproxy took the listening sockets over (upgrade, SIGUSR2)
     #[arg(long = "shutdown-grace", value_name = "SECONDS", default_value = "10", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::allowed_subnets::{AllowList, SharedAllowList};
 use crate::cli::{Args, EbpfMode, Protocol};
 use crate::ebpf::{self, FlowRegistry, KernelOptions, KernelSide};
+use crate::handoff::{self, ListenSet, Offer, Successor};
 use crate::metrics::Monitoring;
 use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
@@ -27,7 +28,15 @@ use crate::udp;
 pub async fn run(args: Args) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
-    let monitoring = Monitoring::start(&args, stats.clone()).await?;
+    // A running mmproxy with the same listen set hands its sockets over (an
+    // upgrade): asked before anything is bound.
+    let listen_set = ListenSet::of(&args);
+    let mut takeover = handoff::start::ask(&listen_set).await?;
+    let inherited_metrics = takeover
+        .as_mut()
+        .and_then(|t| t.metrics.take())
+        .map(std::net::TcpListener::from);
+    let mut monitoring = Monitoring::start_with(&args, stats.clone(), inherited_metrics).await?;
 
     let (allowed, warnings) = SharedAllowList::from_file(args.allowed_subnets.as_deref())?;
     for w in warnings {
@@ -37,7 +46,11 @@ pub async fn run(args: Args) -> Result<()> {
 
     // Listening sockets first: a port in use is the commonest start-up error and
     // should be reported before anything is installed in the kernel.
-    let bound = Bound::bind(&args)?;
+    let bound = match takeover.as_mut() {
+        Some(t) => Bound::inherit(&args, std::mem::take(&mut t.groups))?,
+        None => Bound::bind(&args)?,
+    };
+    let offered = bound.duplicates();
     let kernel = match &bound {
         Bound::Tcp(groups) => start_kernel_side(&args, &allowed, groups).await?,
         Bound::Udp(groups) => start_kernel_side(&args, &allowed, groups).await?,
@@ -66,12 +79,16 @@ pub async fn run(args: Args) -> Result<()> {
     };
 
     let shutdown = CancellationToken::new();
+    // UDP flows outlive `shutdown` until this is cancelled (after a handoff: at the
+    // end of the grace period).
+    let drain = CancellationToken::new();
     let tracker = TaskTracker::new();
     let serving = Serving {
         args: &args,
         stats: &stats,
         allowed: &allowed,
         shutdown: &shutdown,
+        drain: &drain,
         tracker: &tracker,
     };
     let listening = match bound {
@@ -81,6 +98,10 @@ pub async fn run(args: Args) -> Result<()> {
         // wildcard listen range is not taken for a proxy's datagram.
         Bound::Udp(groups) => serving.udp(groups, kernel.as_ref().map(lock).map(|k| k.flows()))?,
     };
+    // Before the ready line: after an upgrade, ready means the old instance has
+    // stopped accepting, and the offer to the next one is up.
+    let offer =
+        handoff::start::settle(takeover, &listen_set, offered, monitoring.endpoint_socket()).await;
     monitoring.readiness().set_ready();
     info!(
         listen = %listening.join(","),
@@ -91,15 +112,46 @@ pub async fn run(args: Args) -> Result<()> {
     let _watchdog = crate::notify::spawn_watchdog();
 
     let stats_task = spawn_stats_line(args.stats_interval, stats.clone(), kernel.clone());
-    signal_loop(signals, &args, &allowed, kernel.as_ref(), &stats).await;
+    let successor = signal_loop(
+        signals,
+        &args,
+        &allowed,
+        kernel.as_ref(),
+        &stats,
+        offer.as_ref(),
+    )
+    .await;
     monitoring.readiness().set_not_ready("shutting down");
+    // Withdrawn first: its duplicates would keep the listening sockets open.
+    drop(offer);
 
-    info!(
-        "stopping: no new connections; live ones get {:?}",
-        args.shutdown_grace
-    );
-    crate::notify::stopping();
+    match &successor {
+        Some(s) => {
+            monitoring.hand_over_endpoint();
+            info!(
+                new_pid = s.pid,
+                connections = stats.tcp_active.load(std::sync::atomic::Ordering::Relaxed),
+                udp_flows = stats
+                    .udp_flows_active
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                "handed over: the new mmproxy serves; live connections and flows here get {:?}",
+                args.shutdown_grace
+            );
+            crate::notify::handed_over(s.pid.unsigned_abs());
+        }
+        None => {
+            info!(
+                "stopping: no new connections; live ones get {:?}",
+                args.shutdown_grace
+            );
+            crate::notify::stopping();
+            drain.cancel();
+        }
+    }
     shutdown.cancel();
+    if let Some(s) = successor {
+        s.release();
+    }
     tracker.close();
     // Live connections and flows still need the return path: their answers come
     // back through the routing rules and the tc programs. Both go only once the
@@ -108,6 +160,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await
         .is_err()
     {
+        drain.cancel();
         warn!(
             "{} connections and {} UDP flows still open after the grace period; closing them",
             stats.tcp_active.load(std::sync::atomic::Ordering::Relaxed),
@@ -140,6 +193,21 @@ enum Bound {
 }
 
 impl Bound {
+    /// The sockets a running mmproxy handed over, checked against `args`.
+    fn inherit(args: &Args, groups: Vec<Vec<std::os::fd::OwnedFd>>) -> Result<Self> {
+        Ok(match args.protocol {
+            Protocol::Tcp => Bound::Tcp(handoff::start::inherit(args, groups)?),
+            Protocol::Udp => Bound::Udp(handoff::start::inherit(args, groups)?),
+        })
+    }
+
+    fn duplicates(&self) -> Vec<Vec<std::os::fd::OwnedFd>> {
+        match self {
+            Bound::Tcp(g) => handoff::start::duplicates(g),
+            Bound::Udp(g) => handoff::start::duplicates(g),
+        }
+    }
+
     /// Binds each `-l` on its first port (a range is steered there by the kernel).
     fn bind(args: &Args) -> Result<Self> {
         let addrs = args
@@ -169,6 +237,7 @@ struct Serving<'a> {
     stats: &'a Arc<Stats>,
     allowed: &'a Arc<SharedAllowList>,
     shutdown: &'a CancellationToken,
+    drain: &'a CancellationToken,
     tracker: &'a TaskTracker,
 }
 
@@ -215,11 +284,12 @@ impl Serving<'_> {
                 tokio::net::UdpSocket::from_std(socket).context("registering UDP socket")?;
             listening.push(shown(socket.local_addr()));
             let allowed = self.allowed.clone();
-            self.tracker.spawn(udp::serve_udp(
+            self.tracker.spawn(udp::serve_udp_draining(
                 socket,
                 ctx.clone(),
                 move |ip| allowed.allows(ip),
                 self.shutdown.clone(),
+                self.drain.clone(),
             ));
         }
         Ok(listening)
@@ -340,6 +410,7 @@ struct Signals {
     int: Signal,
     hup: Signal,
     usr1: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -352,23 +423,45 @@ impl Signals {
             int: install(SignalKind::interrupt(), "SIGINT")?,
             hup: install(SignalKind::hangup(), "SIGHUP")?,
             usr1: install(SignalKind::user_defined1(), "SIGUSR1")?,
+            usr2: install(SignalKind::user_defined2(), "SIGUSR2")?,
         })
     }
 }
 
-/// Waits for SIGTERM/SIGINT; reloads the allow-list on SIGHUP; logs the counters
-/// at once on SIGUSR1.
+/// Waits for SIGTERM/SIGINT, or for a new mmproxy to take over (`Some`); reloads
+/// the allow-list on SIGHUP; logs the counters at once on SIGUSR1; starts a new
+/// mmproxy to take over on SIGUSR2.
 async fn signal_loop(
     mut signals: Signals,
     args: &Args,
     allowed: &SharedAllowList,
     kernel: Option<&Kernel>,
     stats: &Stats,
-) {
+    offer: Option<&Offer>,
+) -> Option<Successor> {
+    let successor = async {
+        match offer {
+            Some(o) => o.successor().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(successor);
     loop {
         tokio::select! {
-            _ = signals.term.recv() => return,
-            _ = signals.int.recv() => return,
+            _ = signals.term.recv() => return None,
+            _ = signals.int.recv() => return None,
+            s = &mut successor => return Some(s),
+            _ = signals.usr2.recv() => {
+                if offer.is_none() {
+                    warn!("SIGUSR2: this mmproxy offers no handoff (see the warning at start-up); not starting a new one");
+                    continue;
+                }
+                crate::notify::reloading();
+                if let Err(e) = handoff::successor::spawn() {
+                    error!(error = &e as &dyn std::error::Error, "SIGUSR2: cannot start a new mmproxy");
+                    crate::notify::ready();
+                }
+            }
             _ = signals.hup.recv() => {
                 crate::notify::reloading();
                 reload(args, allowed, kernel);

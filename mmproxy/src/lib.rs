@@ -12,6 +12,7 @@ pub mod allowed_subnets;
 pub mod cli;
 pub mod daemon;
 pub mod ebpf;
+pub mod handoff;
 pub mod logging;
 pub mod metrics;
 pub mod netns_lease;

@@ -32,6 +32,15 @@ pub fn reloading() {
     send("RELOADING=1", &states);
 }
 
+/// The process `pid` has taken over (an upgrade): it is the main process from now
+/// on, and serving.
+pub fn handed_over(pid: u32) {
+    send(
+        "MAINPID and READY=1",
+        &[NotifyState::MainPid(pid), NotifyState::Ready],
+    );
+}
+
 /// Shutdown has begun.
 pub fn stopping() {
     send("STOPPING=1", &[NotifyState::Stopping]);

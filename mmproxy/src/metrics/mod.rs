@@ -555,11 +555,23 @@ pub struct Monitoring {
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
     endpoint: Option<(tokio::task::JoinHandle<()>, CancellationToken)>,
+    /// A duplicate of the endpoint's socket, to hand to a successor (crate::handoff).
+    socket: Option<std::os::fd::OwnedFd>,
 }
 
 impl Monitoring {
     /// Binds `--metrics` (when given) and starts serving, not ready yet.
     pub async fn start(args: &Args, stats: Arc<Stats>) -> Result<Self, MetricsError> {
+        Self::start_with(args, stats, None).await
+    }
+
+    /// [`Monitoring::start`] on `inherited`, the previous instance's socket, when it
+    /// is bound to the `--metrics` address (an upgrade, crate::handoff).
+    pub async fn start_with(
+        args: &Args,
+        stats: Arc<Stats>,
+        inherited: Option<std::net::TcpListener>,
+    ) -> Result<Self, MetricsError> {
         let readiness = Arc::new(Readiness::new("starting up"));
         let metrics = Arc::new(Metrics::new(args, stats, readiness.clone()));
         let Some(addr) = args.metrics else {
@@ -567,12 +579,28 @@ impl Monitoring {
                 readiness,
                 metrics,
                 endpoint: None,
+                socket: None,
             });
         };
         check_listen_ranges(args, addr)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| MetricsError::Bind { addr, source })?;
+        let inherited = inherited
+            .filter(|l| {
+                l.local_addr()
+                    .is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip()))
+            })
+            .and_then(|l| {
+                l.set_nonblocking(true).ok()?;
+                tokio::net::TcpListener::from_std(l).ok()
+            });
+        let listener = match inherited {
+            Some(l) => l,
+            None => tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| MetricsError::Bind { addr, source })?,
+        };
+        let socket = std::os::fd::AsFd::as_fd(&listener)
+            .try_clone_to_owned()
+            .ok();
         let shown = listener.local_addr().unwrap_or(addr);
         let stop = CancellationToken::new();
         let task = tokio::spawn(http::serve(
@@ -587,7 +615,21 @@ impl Monitoring {
             readiness,
             metrics,
             endpoint: Some((task, stop)),
+            socket,
         })
+    }
+
+    /// The endpoint's socket, for a successor to serve on.
+    pub fn endpoint_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.socket.as_ref().map(std::os::fd::AsFd::as_fd)
+    }
+
+    /// Stops answering scrapes: the successor serves the socket from now on.
+    pub fn hand_over_endpoint(&mut self) {
+        if let Some((_, stop)) = &self.endpoint {
+            stop.cancel();
+        }
+        self.socket = None;
     }
 
     /// Scrapes include the kernel side from now on (nothing without one).

@@ -69,6 +69,25 @@ pub async fn serve_udp<F>(
 ) where
     F: Fn(IpAddr) -> bool + Send + Sync + 'static,
 {
+    // Flows close with the listener.
+    let drained = CancellationToken::new();
+    drained.cancel();
+    serve_udp_draining(socket, ctx, allowed, shutdown, drained).await;
+}
+
+/// [`serve_udp`], and after `shutdown` the flows stay open until each has been idle
+/// for `--close-after` or `drain` is cancelled: after an upgrade the answers to
+/// datagrams already sent still reach the proxy while the new instance receives.
+/// Without `drain` cancelled at some point it waits for every flow to go idle.
+pub async fn serve_udp_draining<F>(
+    socket: UdpSocket,
+    ctx: Arc<UdpContext>,
+    allowed: F,
+    shutdown: CancellationToken,
+    drain: CancellationToken,
+) where
+    F: Fn(IpAddr) -> bool + Send + Sync + 'static,
+{
     let local = socket.local_addr().ok();
     let mut listener = DatagramListener {
         recv: RecvBatch::new(LISTENER_BATCH, MAX_DATAGRAM),
@@ -117,6 +136,13 @@ pub async fn serve_udp<F>(
                     }
                 }
             }
+        }
+    }
+    while !listener.flows.table.is_empty() {
+        tokio::select! {
+            biased;
+            () = drain.cancelled() => break,
+            _ = sweep.tick() => listener.flows.sweep(),
         }
     }
     let open = listener.flows.table.len();
