@@ -151,6 +151,25 @@ pub fn open_many(
                     socket2::Type::STREAM,
                     None,
                 )?;
+                // The port is chosen at connect(), by the whole 4-tuple: bind() would
+                // search for a port free of every earlier connection, TIME_WAIT ones
+                // included, which takes milliseconds once thousands are in use.
+                let on: libc::c_int = 1;
+                // SAFETY: setsockopt reads one c_int from `on`.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&sock),
+                        libc::IPPROTO_IP,
+                        libc::IP_BIND_ADDRESS_NO_PORT,
+                        std::ptr::addr_of!(on).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                ensure!(
+                    rc == 0,
+                    "IP_BIND_ADDRESS_NO_PORT: {}",
+                    std::io::Error::last_os_error()
+                );
                 sock.bind(&src.into())?;
                 match sock.connect_timeout(&dst.into(), crate::WAIT) {
                     Ok(()) => break TcpStream::from(sock),
