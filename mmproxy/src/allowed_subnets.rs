@@ -104,6 +104,12 @@ impl AllowList {
         parse_bytes(text.as_bytes(), origin)
     }
 
+    /// Parses a file's bytes as [`AllowList::load`] does (a line that is not UTF-8 is
+    /// a bad line); the fuzz target's entry point.
+    pub fn parse_bytes(bytes: &[u8], origin: &Path) -> Result<Loaded, AllowListError> {
+        parse_bytes(bytes, origin)
+    }
+
     /// Builds a list from networks directly (host bits are ignored).
     pub fn from_nets<I>(nets: I) -> Self
     where

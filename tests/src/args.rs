@@ -119,6 +119,11 @@ impl DaemonArgs {
         self.flag("--max-flows", n)
     }
 
+    /// `--max-connections`.
+    pub fn max_connections(self, n: u32) -> Self {
+        self.flag("--max-connections", n)
+    }
+
     /// `--shutdown-grace` in seconds.
     pub fn shutdown_grace(self, seconds: u32) -> Self {
         self.flag("--shutdown-grace", seconds)

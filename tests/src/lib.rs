@@ -6,6 +6,7 @@ pub mod balancer;
 pub mod bench;
 pub mod client;
 pub mod daemon;
+pub mod faults;
 pub mod haproxy;
 pub mod netns;
 pub mod tcx;

@@ -54,10 +54,12 @@ enum Command {
         #[arg(last = true)]
         extra: Vec<String>,
     },
-    /// Run the PROXY decoder fuzzer
+    /// Run the fuzz targets (all, or those named), each for --seconds
     Fuzz {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// decode, v1, v2_tlv, udp_datagram, allowed_subnets, cli (default: all)
+        targets: Vec<String>,
     },
 }
 
@@ -96,6 +98,6 @@ fn main() -> Result<()> {
             peers,
             extra,
         }),
-        Command::Fuzz { seconds } => fuzz::run_for(seconds),
+        Command::Fuzz { seconds, targets } => fuzz::run_for(seconds, &targets),
     }
 }

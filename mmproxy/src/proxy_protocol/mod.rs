@@ -50,6 +50,7 @@
 
 // Peers send arbitrary bytes: a panic here would take the whole proxy down.
 #![forbid(unsafe_code)]
+mod datagram;
 mod encode;
 mod error;
 mod header;
@@ -60,6 +61,7 @@ mod v2;
 #[cfg(test)]
 mod tests;
 
+pub use datagram::{split_datagram, DatagramError};
 pub use encode::{encode_v1, encode_v1_unknown, EncodeError, V2Builder};
 pub use error::{Invalid, V1Field};
 pub use header::{Addresses, Command, Endpoints, Family, Header, Transport, UnixAddr, Version};

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use crate::addr::{canonical, ProxyAddr, Shown, UpstreamAddr};
 use crate::logging::CONN_TARGET;
-use crate::proxy_protocol::{self, DecodeOptions, Decoded, Endpoints, Invalid};
+use crate::proxy_protocol::{self, DatagramError, Endpoints};
 use crate::sockopt;
 use crate::stats::Stats;
 
@@ -271,7 +271,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             }
             return None;
         }
-        match decode_datagram(d, &self.ctx.header) {
+        match proxy_protocol::split_datagram(d.data, d.truncated, &self.ctx.header) {
             Ok((endpoints, payload)) => Some(Admitted {
                 source,
                 proxy,
@@ -280,9 +280,9 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             }),
             Err(why) => {
                 Stats::inc(match why {
-                    Dropped::Oversized => &stats.udp_dropped_oversized,
-                    Dropped::Truncated(_) => &stats.udp_dropped_truncated,
-                    Dropped::Invalid(_) => &stats.udp_dropped_invalid,
+                    DatagramError::Oversized => &stats.udp_dropped_oversized,
+                    DatagramError::Truncated(_) => &stats.udp_dropped_truncated,
+                    DatagramError::Invalid(_) => &stats.udp_dropped_invalid,
                 });
                 if self.log.allow(now) {
                     warn!(target: CONN_TARGET, peer = %proxy, reason = why.kind(),
@@ -387,23 +387,6 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
     }
 }
 
-/// The header and payload of a received datagram.
-fn decode_datagram<'d>(
-    d: &Received<'d>,
-    opts: &DecodeOptions,
-) -> Result<(Endpoints, &'d [u8]), Dropped> {
-    if d.truncated {
-        return Err(Dropped::Oversized);
-    }
-    match proxy_protocol::decode(d.data, opts) {
-        Ok(Decoded::Complete { header, len }) => {
-            Ok((header.endpoints(), d.data.get(len..).unwrap_or_default()))
-        }
-        Ok(Decoded::NeedMore { .. }) => Err(Dropped::Truncated(d.data.len())),
-        Err(e) => Err(Dropped::Invalid(e)),
-    }
-}
-
 /// An existing flow follows its latest datagram: the target port (when it comes from
 /// the header) and where answers leave from.
 fn follow_latest_datagram(
@@ -477,27 +460,6 @@ impl<'d> ToUpstream<'_, 'd> {
                           "sending datagrams to the upstream failed");
                 }
             }
-        }
-    }
-}
-
-/// Why a datagram was dropped before reaching a flow.
-#[derive(Debug, thiserror::Error)]
-enum Dropped {
-    #[error(transparent)]
-    Invalid(Invalid),
-    #[error("datagram of {0} bytes ends inside its PROXY header")]
-    Truncated(usize),
-    #[error("datagram larger than the receive buffer")]
-    Oversized,
-}
-
-impl Dropped {
-    fn kind(&self) -> &'static str {
-        match self {
-            Dropped::Invalid(e) => e.kind(),
-            Dropped::Truncated(_) => "truncated",
-            Dropped::Oversized => "oversized",
         }
     }
 }
