@@ -17,16 +17,23 @@
 //! mistaken for another namespace's carries the namespace's cookie
 //! ([`netns_cookie`]), which is unique until reboot.
 //!
-//! The files are never removed today. Whoever removes them at the last exit has to
-//! do it while holding the exclusive lock, and every opener then has to check,
-//! after locking, that the path still names the file it locked
-//! ([`LeaseFile::lock`] and [`LeaseFile::try_lock`] are the places for that check).
+//! Nothing is left behind: the last process of a namespace removes the namespace's
+//! files ([`LeaseFile::remove`]) while it holds them exclusively, and every start
+//! sweeps files nobody holds ([`sweep`]). A file may thus be unlinked between
+//! someone's open and their lock (the classic unlink-vs-open race), so every lock
+//! taken here is checked afterwards: if the path no longer names the locked file,
+//! the lock is dropped and the path opened and locked again ([`LeaseFile::lock`],
+//! [`LeaseFile::try_lock`], [`LeaseFile::lock_within`]). Only a holder of the
+//! exclusive lock unlinks, so a checked lock stays valid for as long as it is held.
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+mod sweep;
+pub use sweep::sweep;
 
 /// Where the per-namespace lock files live (created if missing).
 pub const DEFAULT_LOCK_DIR: &str = "/run/mmproxy";
@@ -57,6 +64,12 @@ pub enum LeaseError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot remove {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl LeaseError {
@@ -70,7 +83,8 @@ impl LeaseError {
             LeaseError::Namespace(source)
             | LeaseError::CreateDir { source, .. }
             | LeaseError::Open { source, .. }
-            | LeaseError::Lock { source, .. } => source,
+            | LeaseError::Lock { source, .. }
+            | LeaseError::Remove { source, .. } => source,
         }
     }
 }
@@ -126,13 +140,15 @@ pub struct NetnsDir {
 }
 
 impl NetnsDir {
-    /// Identifies the calling thread's namespace and creates `dir` if missing.
+    /// Identifies the calling thread's namespace, creates `dir` if missing and
+    /// removes the files there that no process holds and nothing needs ([`sweep`]).
     pub fn open(dir: &Path) -> Result<Self, LeaseError> {
         let netns = netns_id().map_err(LeaseError::Namespace)?;
         std::fs::create_dir_all(dir).map_err(|source| LeaseError::CreateDir {
             dir: dir.to_path_buf(),
             source,
         })?;
+        sweep(dir);
         Ok(Self {
             dir: dir.to_path_buf(),
             netns,
@@ -144,17 +160,7 @@ impl NetnsDir {
         let path = self
             .dir
             .join(format!("{purpose}-netns-{}{ext}", self.netns));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|source| LeaseError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(LeaseFile { file, path })
+        LeaseFile::open(path)
     }
 }
 
@@ -184,13 +190,108 @@ pub struct LeaseFile {
 }
 
 impl LeaseFile {
+    /// Opens (creating, never truncating) the file at `path`.
+    fn open(path: PathBuf) -> Result<Self, LeaseError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| LeaseError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(LeaseFile { file, path })
+    }
+
     /// Waits for the lock. Taking a lock of the other kind converts the one held.
-    pub fn lock(&self, how: Lock) -> Result<(), LeaseError> {
-        self.flock(how.op())
+    pub fn lock(&mut self, how: Lock) -> Result<(), LeaseError> {
+        loop {
+            self.flock(how.op())?;
+            if self.still_named()? {
+                return Ok(());
+            }
+        }
     }
 
     /// Takes the lock if nobody stands in the way; `Ok(false)` if somebody does.
-    pub fn try_lock(&self, how: Lock) -> Result<bool, LeaseError> {
+    pub fn try_lock(&mut self, how: Lock) -> Result<bool, LeaseError> {
+        loop {
+            if !self.flock_nb(how)? {
+                return Ok(false);
+            }
+            if self.still_named()? {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// [`LeaseFile::try_lock`] again and again for up to `wait` (without blocking
+    /// the runtime's thread); fails with `EWOULDBLOCK` when the time is up.
+    pub async fn lock_within(&mut self, how: Lock, wait: Duration) -> Result<(), LeaseError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.try_lock(how)? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LeaseError::Lock {
+                    path: self.path.clone(),
+                    source: io::Error::from_raw_os_error(libc::EWOULDBLOCK),
+                });
+            }
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
+    }
+
+    /// Whether the path still names the file this process has locked. If not (the
+    /// namespace's last process removed it while this one waited for the lock), the
+    /// lock is dropped with the stale file, and the path opened afresh for another
+    /// try.
+    fn still_named(&mut self) -> Result<bool, LeaseError> {
+        let held = self.file.metadata().map_err(|source| LeaseError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        match std::fs::metadata(&self.path) {
+            Ok(named) if named.dev() == held.dev() && named.ino() == held.ino() => Ok(true),
+            Ok(_) => {
+                *self = Self::open(self.path.clone())?;
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                *self = Self::open(self.path.clone())?;
+                Ok(false)
+            }
+            Err(source) => Err(LeaseError::Open {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Removes the file and closes it. Only for a holder of the exclusive lock: an
+    /// opener waiting for the lock meanwhile finds the path gone or new, and starts
+    /// over ([`LeaseFile::lock`]).
+    pub fn remove(self) -> Result<(), LeaseError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(LeaseError::Remove {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// flock with LOCK_NB, without the path check; `Ok(false)` if somebody holds it.
+    fn flock_nb(&self, how: Lock) -> Result<bool, LeaseError> {
         match self.flock(how.op() | libc::LOCK_NB) {
             Ok(()) => Ok(true),
             Err(LeaseError::Lock { source, .. })
@@ -202,28 +303,15 @@ impl LeaseFile {
         }
     }
 
-    /// [`LeaseFile::try_lock`] again and again for up to `wait` (without blocking
-    /// the runtime's thread); fails with `EWOULDBLOCK` when the time is up.
-    pub async fn lock_within(&self, how: Lock, wait: Duration) -> Result<(), LeaseError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            match self.flock(how.op() | libc::LOCK_NB) {
-                Err(LeaseError::Lock { source, .. })
-                    if source.raw_os_error() == Some(libc::EWOULDBLOCK)
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(RETRY_EVERY).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
     /// Whether this process is the last one holding the lease: converts a shared
     /// lock to an exclusive one without waiting. Any failure counts as "not last",
     /// which leaves the namespace's state to the others.
+    ///
+    /// No path check: nobody removes a file while this process holds it. A failed
+    /// conversion loses the shared lock (flock(2) drops it before trying), which
+    /// only an exiting process asks for.
     pub fn is_last(&self) -> bool {
-        matches!(self.try_lock(Lock::Exclusive), Ok(true))
+        matches!(self.flock_nb(Lock::Exclusive), Ok(true))
     }
 
     /// Releases the lock, keeping the file open.
@@ -275,14 +363,14 @@ mod tests {
         let ns = NetnsDir::open(&dir).unwrap();
         // Two opens are two open file descriptions: flock treats them like two
         // processes.
-        let a = ns.file("t", ".lock").unwrap();
-        let b = ns.file("t", ".lock").unwrap();
+        let mut a = ns.file("t", ".lock").unwrap();
+        let mut b = ns.file("t", ".lock").unwrap();
         a.lock(Lock::Shared).unwrap();
         b.lock(Lock::Shared).unwrap();
         assert!(!a.is_last(), "b still holds it");
         drop(b);
         assert!(a.is_last());
-        let c = ns.file("t", ".lock").unwrap();
+        let mut c = ns.file("t", ".lock").unwrap();
         assert!(!c.try_lock(Lock::Shared).unwrap(), "a holds it exclusively");
         a.unlock().unwrap();
         assert!(c.try_lock(Lock::Shared).unwrap());

@@ -267,8 +267,20 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM first, so that the daemon cleans up as in production (its lease
+    /// files in /run/mmproxy among it); SIGKILL if it has not exited after a short
+    /// while (the next start sweeps what that leaves).
     fn drop(&mut self) {
         if self.exited.is_none() {
+            // SAFETY: kill(2) of our own child, not yet reaped.
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

@@ -141,10 +141,21 @@ impl Drop for Netns {
             // SAFETY: plain kill(2) of a process inside our own namespace.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // SIGKILL is delivered, not done: wait (briefly) until nothing runs there,
+        // so that the namespace is gone after `ip netns del`.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !self.pids().is_empty() && std::time::Instant::now() < deadline {
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
             .status();
+        // A daemon the test SIGKILLed (as `Daemon`'s drop does) leaves its lease
+        // files in /run/mmproxy; the next mmproxy start sweeps them. Do now what that
+        // start would, so that the suite leaves the directory as it found it
+        // (`cargo xtask test` checks).
+        mmproxy::netns_lease::sweep(std::path::Path::new(mmproxy::netns_lease::DEFAULT_LOCK_DIR));
     }
 }
 

@@ -282,3 +282,197 @@ fn two_instances_share_the_return_path_and_the_last_one_restores_it() -> Result<
     assert_eq!(t.host.rules_and_routes()?, before);
     Ok(())
 }
+
+// ---------------------------------------------------------------- SIGKILL under load
+
+mmproxy_tests::tests_per_mode!(sigkill_under_load_then_restart_serves_at_once_and_leaves_nothing);
+
+/// Ids of the BPF maps `pid` holds, from /proc/<pid>/fdinfo.
+fn maps_held_by(pid: i32) -> Result<BTreeSet<u32>> {
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        out.extend(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("map_id:"))
+                .filter_map(|v| v.trim().parse::<u32>().ok()),
+        );
+    }
+    Ok(out)
+}
+
+/// Waits until none of `maps` exists any more (the kernel frees a map once the last
+/// descriptor and program using it are gone, a moment after the process).
+fn wait_maps_freed(maps: &BTreeSet<u32>) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let still: Vec<u32> = maps
+            .iter()
+            .copied()
+            .filter(|id| {
+                std::process::Command::new("bpftool")
+                    .args(["map", "show", "id", &id.to_string()])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect();
+        if still.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("maps {still:?} still exist");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The files of `ns` in the daemon's lease directory.
+fn lease_files(ns: &Netns) -> Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let id = std::fs::metadata(format!("/run/netns/{}", ns.name()))?.ino();
+    let Ok(dir) = std::fs::read_dir(mmproxy::netns_lease::DEFAULT_LOCK_DIR) else {
+        return Ok(Vec::new());
+    };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| {
+            n.trim_end_matches(".lock")
+                .ends_with(&format!("-netns-{id}"))
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A TCP and a UDP instance with connections and flows live are SIGKILLed and started
+/// again: the restarted ones serve new connections and datagrams as soon as they
+/// are ready, nothing of the dead ones stays attached or allocated, the rules are
+/// the same (not doubled), and when the last one stops the rules, accept_local and
+/// the lease files are as before the first start.
+fn sigkill_under_load_then_restart_serves_at_once_and_leaves_nothing(mode: Mode) -> Result<()> {
+    let t = Topology::new()?;
+    // With the kernel side, a local non-loopback target: tc on gw0 and
+    // accept_local. Without it, loopback (the only return path userspace has).
+    let target = if mode == Mode::AsGiven {
+        sock(HOST_V4, 9000)
+    } else {
+        "127.0.0.1:9000".to_owned()
+    };
+    let echo = EchoServer::start(&t.host, &target)?;
+    let service = UdpEcho::start(&t.host, &[&target])?;
+    let before = t.host.rules_and_routes()?;
+    let accept_before = accept_local(&t.host)?;
+    // Files of a namespace that is gone and had this one's id may be there; the
+    // daemon's start sweeps them.
+    let args = |protocol: DaemonArgs| protocol.mode(mode).listen("0.0.0.0:8443").target4(&target);
+    let start = || -> Result<(Daemon, Daemon)> {
+        Ok((
+            Daemon::start(&t.host, &args(DaemonArgs::tcp()))?,
+            Daemon::start(&t.host, &args(DaemonArgs::udp()))?,
+        ))
+    };
+    let mm = sock(HOST_V4, 8443);
+    let lb = UdpBalancer::new(&t, LB_V4)?;
+
+    let (mut tcp, mut udp) = start()?;
+    let during = t.host.rules_and_routes()?;
+    let mut live = Vec::new();
+    for i in 0..4 {
+        let client = format!("198.51.100.9:{}", 50000 + i);
+        let mut c = proxied(&t, LB_V4, &mm, &client)?;
+        roundtrip(&mut c, b"before the kill")?;
+        assert_eq!(echo.next_peer(WAIT)?, client.parse()?);
+        live.push(c);
+    }
+    for i in 0..3 {
+        let client = format!("198.51.100.9:{}", 51000 + i).parse()?;
+        lb.roundtrip(client, mm.parse()?, b"flow before the kill")?;
+        assert_eq!(service.next_peer(WAIT)?, client);
+    }
+    let dead_progs: BTreeSet<u32> = [tcp.pid(), udp.pid()]
+        .iter()
+        .map(|pid| held_by(*pid))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .filter(|h| h.link_type.is_some())
+        .map(|h| h.prog_id)
+        .collect();
+    let mut dead_maps = maps_held_by(tcp.pid())?;
+    dead_maps.extend(maps_held_by(udp.pid())?);
+    if mode == Mode::AsGiven {
+        assert!(!dead_progs.is_empty() && !dead_maps.is_empty());
+        assert_eq!(accept_local(&t.host)?, "1");
+    } else {
+        assert!(dead_progs.is_empty() && dead_maps.is_empty(), "{mode:?}");
+    }
+
+    tcp.signal(libc::SIGKILL);
+    udp.signal(libc::SIGKILL);
+    tcp.wait_exit(WAIT)?;
+    udp.wait_exit(WAIT)?;
+    // Nothing of the dead instances stays attached or allocated.
+    wait_detached(&dead_progs)?;
+    wait_maps_freed(&dead_maps)?;
+    if mode == Mode::AsGiven {
+        // What the killed instances changed and could not restore: recorded.
+        assert!(
+            lease_files(&t.host)?.contains(&format!(
+                "accept-local-netns-{}",
+                std::fs::metadata(format!("/run/netns/{}", t.host.name()))
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))?
+            )),
+            "{:?}",
+            lease_files(&t.host)?
+        );
+    }
+
+    // Ready means serving: no retries.
+    let (mut tcp, mut udp) = start()?;
+    let mut c = proxied(&t, LB_V4, &mm, "198.51.100.9:50100")?;
+    roundtrip(&mut c, b"after the restart").with_context(|| tcp.log_text())?;
+    assert_eq!(echo.next_peer(WAIT)?, "198.51.100.9:50100".parse()?);
+    for client in ["198.51.100.9:51000", "198.51.100.9:51100"] {
+        let client = client.parse()?;
+        lb.roundtrip(client, mm.parse()?, b"flow after the restart")
+            .with_context(|| udp.log_text())?;
+        assert_eq!(service.next_peer(WAIT)?, client);
+    }
+    assert_eq!(
+        t.host.rules_and_routes()?,
+        during,
+        "rules after the restart"
+    );
+    drop((c, live));
+
+    tcp.signal(libc::SIGTERM);
+    assert!(tcp.wait_exit(WAIT)?.success(), "{}", tcp.log_text());
+    if mode == Mode::AsGiven {
+        assert_eq!(
+            accept_local(&t.host)?,
+            "1",
+            "still needed by the UDP instance"
+        );
+    }
+    udp.signal(libc::SIGTERM);
+    assert!(udp.wait_exit(WAIT)?.success(), "{}", udp.log_text());
+    assert_eq!(
+        t.host.rules_and_routes()?,
+        before,
+        "rules after the last stop"
+    );
+    assert_eq!(
+        accept_local(&t.host)?,
+        accept_before,
+        "accept_local after the last stop"
+    );
+    assert_eq!(
+        lease_files(&t.host)?,
+        Vec::<String>::new(),
+        "lease files after the last stop"
+    );
+    Ok(())
+}

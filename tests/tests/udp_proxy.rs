@@ -450,7 +450,8 @@ fn a_burst_of_one_flow_arrives_as_separate_datagrams_in_order_both_ways() -> Res
     for _ in &payloads {
         assert_eq!(s.echo.next_peer(WAIT)?, client);
     }
-    let line = s.daemon.stats()?;
+    // The counter follows the send: the balancer may have the answers first.
+    let line = s.daemon.wait_counter("udp_replies", 40, WAIT)?;
     assert_eq!(counter(&line, "udp_replies"), 40, "{line}");
     assert_eq!(counter(&line, "udp_upstream_errors"), 0, "{line}");
     Ok(())

@@ -74,6 +74,7 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
 
     step("end-to-end tests (network namespaces, real kernel, real HAProxy)");
     remove_stale_namespaces();
+    let leases_before = lease_files();
     let mut e2e = cargo();
     e2e.args(["test", "--release", "-p", "mmproxy-tests", "--"])
         .args(["--test-threads", "2"])
@@ -86,6 +87,8 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
     // killed before it could.
     remove_stale_namespaces();
     result?;
+    step("the end-to-end tests left /run/mmproxy as they found it");
+    check_no_lease_left(&leases_before)?;
 
     if filter.is_none() {
         // Only that the harness works end to end; no timing is judged.
@@ -122,4 +125,50 @@ fn remove_stale_namespaces() {
             succeeds(Command::new("ip").args(["netns", "del", name]));
         }
     }
+}
+
+/// The daemon's lease directory (mmproxy::netns_lease::DEFAULT_LOCK_DIR).
+const LEASE_DIR: &str = "/run/mmproxy";
+
+/// File names in the lease directory with their inode numbers.
+fn lease_files() -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(LEASE_DIR) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.metadata().ok()?.ino())))
+        .collect()
+}
+
+/// Fails if files appeared in the lease directory during the end-to-end run that no
+/// process holds (the daemons remove their namespace's files at the last exit, and
+/// each start removes those of killed ones). Files held by a process are left out:
+/// another run's live daemons may share the machine.
+fn check_no_lease_left(before: &[(String, u64)]) -> Result<()> {
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    // `1: FLOCK  ADVISORY  READ  1234 00:1a:5678 0 EOF`: the inode ends the sixth field.
+    let held: std::collections::HashSet<u64> = locks
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(5)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let left: Vec<String> = lease_files()
+        .into_iter()
+        .filter(|(name, ino)| !held.contains(ino) && !before.iter().any(|(b, _)| b == name))
+        .map(|(name, _)| name)
+        .collect();
+    if !left.is_empty() {
+        anyhow::bail!(
+            "left in {LEASE_DIR} by the end-to-end tests: {}",
+            left.join(", ")
+        );
+    }
+    Ok(())
 }

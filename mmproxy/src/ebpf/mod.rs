@@ -9,6 +9,7 @@
 //! them. Nothing is pinned to bpffs.
 pub mod flow_map;
 pub mod ifaces;
+mod loader;
 mod rules;
 mod subnets;
 mod sysctl;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockMap};
 use aya::programs::{ProgramError, SkLookup};
-use aya::{Ebpf, EbpfError as AyaError, EbpfLoader};
+use aya::{Ebpf, EbpfError as AyaError};
 use ipnet::{Ipv4Net, Ipv6Net};
 use mmproxy_common::{map_names, program_names, Config, Counter, FlowKey, ListenRule};
 use tokio::io::unix::AsyncFd;
@@ -173,7 +174,7 @@ impl KernelSide {
         // program does not even write them to the ring buffer otherwise.
         let log_level: u8 = if opts.verbose >= 2 { 4 } else { 2 };
         let flow_capacity = opts.flow_capacity.max(1);
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader::loader(OBJECT)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
             .map_max_entries(map_names::FLOWS, flow_capacity)
             .load(OBJECT)

@@ -9,9 +9,10 @@
 //! every running instance holds a shared lease ([`crate::netns_lease`]) on it; at
 //! exit an instance that gets the lock exclusively is the last one and restores
 //! the recorded value. A killed instance's lock goes with it, so the next clean
-//! exit restores too. The record carries the namespace's cookie: a file left by a
-//! namespace that is gone, whose inode number a new one reuses, is not taken for
-//! this namespace's.
+//! exit restores too. The record carries the namespace's cookie first: a file left
+//! by a namespace that is gone, whose inode number a new one reuses, is not taken
+//! for this namespace's (and is swept: `netns_lease::sweep`). The last instance
+//! removes the files once it has restored the value.
 use std::io::{self, Read, Seek, Write};
 use std::path::Path;
 
@@ -58,11 +59,12 @@ impl AcceptLocal {
 
     fn enable_in(dir: &Path) -> io::Result<Self> {
         let dir = NetnsDir::open(dir)?;
-        let mutex = dir.file("accept-local", ".lock")?;
-        let mut record = dir.file("accept-local", "")?;
+        let mut mutex = dir.file("accept-local", ".lock")?;
         mutex.lock(Lock::Exclusive)?;
-        // Immediate: an exiting instance takes the record exclusively only while it
-        // holds the mutex, which is ours now.
+        // Opened only now: the last instance removes the record while it holds
+        // the mutex. Immediate: an exiting instance takes the record exclusively
+        // only while it holds the mutex, which is ours now.
+        let mut record = dir.file("accept-local", "")?;
         record.lock(Lock::Shared)?;
         let mut recorded = String::new();
         record.file().read_to_string(&mut recorded)?;
@@ -90,7 +92,11 @@ impl AcceptLocal {
 
     /// Restores the recorded value if no other mmproxy in the namespace still runs.
     pub fn release(self) -> io::Result<()> {
-        let Some(Files { mut record, mutex }) = self.files else {
+        let Some(Files {
+            mut record,
+            mut mutex,
+        }) = self.files
+        else {
             return Ok(());
         };
         mutex.lock(Lock::Exclusive)?;
@@ -103,8 +109,11 @@ impl AcceptLocal {
         file.read_to_string(&mut recorded)?;
         if let Some(value) = recorded_value(&recorded, netns_cookie()) {
             std::fs::write(ACCEPT_LOCAL, value)?;
-            file.set_len(0)?;
         }
+        // Restored: nothing to keep. Record before mutex, both while held, so a
+        // starting instance finds either both or a fresh start.
+        record.remove()?;
+        mutex.remove()?;
         Ok(())
     }
 }

@@ -145,8 +145,16 @@ impl InstalledRoutes {
             }
         }
         // The lock is released (file closed) only now, so that an mmproxy
-        // starting meanwhile waits and then sees the final state.
-        drop(self.lock);
+        // starting meanwhile waits and then sees the final state. The last one
+        // removes the file first (an mmproxy waiting for it then opens a new one).
+        if let Some(lease) = self.lock.filter(|_| last) {
+            if let Err(e) = lease.remove() {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "removing the routing lease"
+                );
+            }
+        }
         if failures.is_empty() {
             Ok(RemoveReport {
                 removed,
@@ -197,7 +205,7 @@ fn with_causes(e: RoutingError) -> String {
 
 /// Takes the namespace's routing lease (shared).
 async fn shared_lock(dir: &Path) -> Result<LeaseFile, LeaseError> {
-    let lease = NetnsDir::open(dir)?.file("routing", ".lock")?;
+    let mut lease = NetnsDir::open(dir)?.file("routing", ".lock")?;
     lease.lock_within(Lock::Shared, LOCK_WAIT).await?;
     Ok(lease)
 }

@@ -224,6 +224,23 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
     }
 
+    // Every workload starts the proxy afresh: the start-up peak of the first one run.
+    let startup = |c: &str| {
+        r.options
+            .workloads
+            .iter()
+            .find_map(|w| g(c, *w, "startup_peak_rss_kib"))
+    };
+    if cfgs.iter().any(|c| startup(c).is_some()) {
+        s.push_str("### Start-up: peak RSS (VmHWM) when the proxy reports ready\n\n");
+        s.push_str("|                | start-up peak RSS MiB |\n");
+        s.push_str("| -------------- | --------------------- |\n");
+        for c in cfgs.iter().filter(|c| startup(c).is_some()) {
+            let _ = writeln!(s, "| {c} | {} |", mib(startup(c)));
+        }
+        s.push('\n');
+    }
+
     let failed: Vec<String> = r
         .samples
         .iter()
