@@ -73,6 +73,9 @@ struct Lookup {
     local_port: u16,
     /// Network byte order, as in the packet.
     remote_port: u16,
+    /// The interface the packet came in through (Linux 5.17+); `lo` for packets
+    /// generated on this host, mmproxy's upstream connections among them.
+    ingress_ifindex: u32,
 }
 
 fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
@@ -122,6 +125,7 @@ fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
     // Host byte order, unlike remote_port.
     let local_port = unsafe { read_volatile(&raw const (*l).local_port) };
     let remote_port = unsafe { read_volatile(&raw const (*l).remote_port) };
+    let ingress_ifindex = unsafe { read_volatile(&raw const (*l).ingress_ifindex) };
     Some(Lookup {
         family,
         protocol: protocol as u8,
@@ -129,6 +133,7 @@ fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
         local,
         local_port: local_port as u16,
         remote_port,
+        ingress_ifindex,
     })
 }
 
@@ -147,6 +152,15 @@ fn decide(ctx: &SkLookupContext) -> u32 {
     // proxy's datagram, and the normal lookup must find the upstream socket. (TCP
     // answers never get here: the established socket is found before sk_lookup.)
     if lookup.protocol == PROTO_UDP && is_flow_answer(&lookup) {
+        return SK_PASS;
+    }
+    // mmproxy's own upstream connection (or datagram) to a service whose address and
+    // port a listen rule covers (a wildcard range, -dynamic-destination): steering it
+    // back to mmproxy would loop. The daemon registers each flow before its first
+    // packet leaves, and packets mmproxy sends to this host come in through lo, so a
+    // peer elsewhere cannot claim the exemption with a flow's tuple.
+    if lookup.ingress_ifindex == config.lo_ifindex && is_own_upstream(&lookup) {
+        count(Counter::OwnUpstream);
         return SK_PASS;
     }
 
@@ -241,6 +255,20 @@ fn is_flow_answer(lookup: &Lookup) -> bool {
         lookup.local_port.to_be(),
     );
     FLOWS.get_ptr(&key).is_some()
+}
+
+fn is_own_upstream(lookup: &Lookup) -> bool {
+    match FlowKey::of_upstream_packet(
+        lookup.family,
+        lookup.protocol,
+        lookup.remote,
+        lookup.remote_port,
+        lookup.local,
+        lookup.local_port.to_be(),
+    ) {
+        Some(key) => FLOWS.get_ptr(&key).is_some(),
+        None => false,
+    }
 }
 
 const ETH_HLEN: usize = 14;

@@ -25,6 +25,7 @@ use crate::tcp::{self, TcpContext};
 use crate::udp;
 
 pub async fn run(args: Args) -> Result<()> {
+    crate::loop_guard::check_config(&args)?;
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
     let monitoring = Monitoring::start(&args, stats.clone()).await?;
@@ -48,6 +49,14 @@ pub async fn run(args: Args) -> Result<()> {
         .map(lock)
         .filter(|k| k.return_steering())
         .map(|k| k.flows());
+    // sk_lookup tells mmproxy's own upstream connections from proxies' by their
+    // registered flow, when a listen rule may cover the upstream.
+    let tcp_flows = steering.clone().or_else(|| {
+        kernel
+            .as_ref()
+            .filter(|_| crate::loop_guard::upstream_may_match_a_listen_rule(&args))
+            .map(|k| lock(k).flows())
+    });
 
     let routes = if args.no_routing {
         None
@@ -74,7 +83,7 @@ pub async fn run(args: Args) -> Result<()> {
         tracker: &tracker,
     };
     let listening = match bound {
-        Bound::Tcp(groups) => serving.tcp(groups, steering)?,
+        Bound::Tcp(groups) => serving.tcp(groups, tcp_flows)?,
         // Whenever the kernel side is loaded, not only when tc steers: sk_lookup also
         // consults the flow table, so that an answer to a client port inside a
         // wildcard listen range is not taken for a proxy's datagram.
@@ -148,12 +157,18 @@ impl Bound {
         Ok(match args.protocol {
             Protocol::Tcp => Bound::Tcp(
                 addrs
-                    .map(|a| tcp::bind_tcp(a, args.listeners).with_context(listening(a)))
+                    .map(|a| {
+                        tcp::bind_tcp_with(a, args.listeners, args.listen_transparent)
+                            .with_context(listening(a))
+                    })
                     .collect::<Result<_>>()?,
             ),
             Protocol::Udp => Bound::Udp(
                 addrs
-                    .map(|a| udp::bind_udp(a, args.listeners).with_context(listening(a)))
+                    .map(|a| {
+                        udp::bind_udp_with(a, args.listeners, args.listen_transparent)
+                            .with_context(listening(a))
+                    })
                     .collect::<Result<_>>()?,
             ),
         })

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod daemon;
 pub mod ebpf;
 pub mod logging;
+pub mod loop_guard;
 pub mod metrics;
 pub mod netns_lease;
 pub mod notify;
