@@ -240,7 +240,7 @@ pub enum Counter {
     ReturnRedirected = 7,
     /// sk_lookup let one of mmproxy's own upstream connections (or datagrams) pass
     /// to the service instead of steering it back to mmproxy: its tuple is a live
-    /// flow's and it came in through `lo`.
+    /// flow's.
     OwnUpstream = 8,
 }
 

@@ -73,9 +73,6 @@ struct Lookup {
     local_port: u16,
     /// Network byte order, as in the packet.
     remote_port: u16,
-    /// The interface the packet came in through (Linux 5.17+); `lo` for packets
-    /// generated on this host, mmproxy's upstream connections among them.
-    ingress_ifindex: u32,
 }
 
 fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
@@ -125,7 +122,6 @@ fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
     // Host byte order, unlike remote_port.
     let local_port = unsafe { read_volatile(&raw const (*l).local_port) };
     let remote_port = unsafe { read_volatile(&raw const (*l).remote_port) };
-    let ingress_ifindex = unsafe { read_volatile(&raw const (*l).ingress_ifindex) };
     Some(Lookup {
         family,
         protocol: protocol as u8,
@@ -133,7 +129,6 @@ fn read_lookup(ctx: &SkLookupContext) -> Option<Lookup> {
         local,
         local_port: local_port as u16,
         remote_port,
-        ingress_ifindex,
     })
 }
 
@@ -157,9 +152,10 @@ fn decide(ctx: &SkLookupContext) -> u32 {
     // mmproxy's own upstream connection (or datagram) to a service whose address and
     // port a listen rule covers (a wildcard range, -dynamic-destination): steering it
     // back to mmproxy would loop. The daemon registers each flow before its first
-    // packet leaves, and packets mmproxy sends to this host come in through lo, so a
-    // peer elsewhere cannot claim the exemption with a flow's tuple.
-    if lookup.ingress_ifindex == config.lo_ifindex && is_own_upstream(&lookup) {
+    // packet leaves. (ingress_ifindex cannot tell these from a peer's packets: for a
+    // packet this host sends to one of its own addresses the kernel reports the
+    // interface that owns the address, e.g. eth0, and lo only for 127.0.0.0/8.)
+    if is_own_upstream(&lookup) {
         count(Counter::OwnUpstream);
         return SK_PASS;
     }

@@ -61,8 +61,7 @@ pub async fn run(args: Args) -> Result<()> {
     let routes = if args.no_routing {
         None
     } else {
-        let mut plan =
-            RoutingPlan::for_targets(args.route_table, &[args.target4.addr, args.target6.addr]);
+        let mut plan = RoutingPlan::for_targets(args.route_table, &routed_targets(&args));
         if steering.is_some() {
             plan = plan.with_fwmark(args.return_mark);
         }
@@ -138,6 +137,20 @@ pub async fn run(args: Args) -> Result<()> {
     monitoring.stop().await;
     info!("stopped; {}", stats.render());
     Ok(())
+}
+
+/// The targets the return-path routing is planned for. With `-dynamic-destination`
+/// the header names the service, most often on loopback (go-mmproxy fork's set-ups),
+/// so loopback is served whatever `-4`/`-6` say.
+fn routed_targets(args: &Args) -> Vec<std::net::IpAddr> {
+    let mut targets = vec![args.target4.addr, args.target6.addr];
+    if args.dynamic_destination {
+        targets.extend([
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ]);
+    }
+    targets
 }
 
 /// The listening sockets of every `-l`, one group of `--listeners` sockets each.
