@@ -189,14 +189,7 @@ impl FlowKey {
         service: [u8; 16],
         service_port: u16,
     ) -> Option<Self> {
-        Self::of_packet(
-            family,
-            protocol,
-            service,
-            service_port,
-            client,
-            client_port,
-        )
+        Self::of_packet(family, protocol, service, service_port, client, client_port)
     }
 
     /// The key a packet from `src` to `dst` would have if it answered a live flow:

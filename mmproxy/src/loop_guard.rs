@@ -139,7 +139,10 @@ mod tests {
             let LoopError::TargetIsListener { flag: f, .. } = &e;
             assert_eq!(*f, flag, "{given:?}: {e}");
             let text = e.to_string();
-            assert!(text.contains("-l ") && text.contains("come back to mmproxy"), "{text}");
+            assert!(
+                text.contains("-l ") && text.contains("come back to mmproxy"),
+                "{text}"
+            );
         }
     }
 
@@ -150,7 +153,14 @@ mod tests {
             // Another port of a range: sk_lookup passes mmproxy's own flows.
             &["-l", "0.0.0.0:20000-20999", "-4", "127.0.0.1:20500"],
             // The header's port: checked per connection.
-            &["-l", "0.0.0.0:20000-20999", "-4", "127.0.0.1", "-6", "[::1]"],
+            &[
+                "-l",
+                "0.0.0.0:20000-20999",
+                "-4",
+                "127.0.0.1",
+                "-6",
+                "[::1]",
+            ],
             // Another address on the same port; the other family's wildcard.
             &["-l", "192.0.2.1:443", "-4", "127.0.0.1:443"],
             &["-l", "[::]:443", "-4", "127.0.0.1:443", "-6", "[::1]:444"],
@@ -189,10 +199,16 @@ mod tests {
         for (given, may) in [
             (&[][..], false),
             (&["-l", "0.0.0.0:20000-20999", "-4", "127.0.0.1"], true),
-            (&["-l", "0.0.0.0:20000-20999", "-4", "127.0.0.1:9000"], false),
+            (
+                &["-l", "0.0.0.0:20000-20999", "-4", "127.0.0.1:9000"],
+                false,
+            ),
             (&["-l", "192.0.2.2:20000-20999", "-4", "192.0.2.2"], true),
             (&["-l", "192.0.2.2:20000-20999", "-4", "127.0.0.1"], false),
-            (&["-l", "[::]:1-2", "-4", "127.0.0.1", "-6", "[::1]:2"], true),
+            (
+                &["-l", "[::]:1-2", "-4", "127.0.0.1", "-6", "[::1]:2"],
+                true,
+            ),
             (&["-l", "0.0.0.0:443", "-dynamic-destination"], true),
         ] {
             assert_eq!(

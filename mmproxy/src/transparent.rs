@@ -174,8 +174,13 @@ pub enum TargetError {
         "-dynamic-destination: the header's client {client} and destination {to} are of \
          different address families"
     )]
-    DestinationFamily { client: ClientAddr, to: UpstreamAddr },
-    #[error("-dynamic-destination: the header's destination {to} is not a unicast address and port")]
+    DestinationFamily {
+        client: ClientAddr,
+        to: UpstreamAddr,
+    },
+    #[error(
+        "-dynamic-destination: the header's destination {to} is not a unicast address and port"
+    )]
     DestinationUnusable { to: UpstreamAddr },
     #[error("upstream {to} is one of mmproxy's own listening sockets: the connection would loop")]
     IsMmproxy { to: UpstreamAddr },
@@ -459,9 +464,17 @@ mod tests {
         };
         let proxy = ProxyAddr("192.0.2.1:1".parse().unwrap());
         for (client, dst, kind) in [
-            ("[::ffff:198.51.100.9]:4000", "[2001:db8::2]:53", "destination_family"),
+            (
+                "[::ffff:198.51.100.9]:4000",
+                "[2001:db8::2]:53",
+                "destination_family",
+            ),
             ("198.51.100.9:4000", "0.0.0.0:53", "destination_unusable"),
-            ("198.51.100.9:4000", "255.255.255.255:53", "destination_unusable"),
+            (
+                "198.51.100.9:4000",
+                "255.255.255.255:53",
+                "destination_unusable",
+            ),
             ("198.51.100.9:4000", "224.0.0.1:53", "destination_unusable"),
             ("198.51.100.9:4000", "192.0.2.2:0", "destination_unusable"),
             ("[2001:db8::9]:4000", "[ff02::1]:53", "destination_unusable"),
@@ -482,11 +495,19 @@ mod tests {
         );
         let proxy = ProxyAddr("192.0.2.1:1".parse().unwrap());
         let e = u
-            .route(proxied("198.51.100.9:4000", "192.0.2.2:20000"), proxy, || Ok(1))
+            .route(
+                proxied("198.51.100.9:4000", "192.0.2.2:20000"),
+                proxy,
+                || Ok(1),
+            )
             .unwrap_err();
         assert_eq!(e.kind(), "upstream_is_mmproxy", "{e}");
         let (_, to) = u
-            .route(proxied("198.51.100.9:4000", "192.0.2.2:20001"), proxy, || Ok(1))
+            .route(
+                proxied("198.51.100.9:4000", "192.0.2.2:20001"),
+                proxy,
+                || Ok(1),
+            )
             .unwrap();
         assert_eq!(to.0.to_string(), "127.0.0.1:20001");
     }

@@ -59,7 +59,10 @@ fn dynamic_destination_tcp_goes_where_the_header_says() -> Result<()> {
 
     // The allow-list applies before any header is read: sk_lookup refuses.
     let refused = connect_from(&t.lb, Some(LB_OTHER_V4), &sock(HOST_V4, 8443), WAIT)?;
-    ensure!(refused.is_err(), "a proxy outside the allowed subnets connected");
+    ensure!(
+        refused.is_err(),
+        "a proxy outside the allowed subnets connected"
+    );
 
     // mmproxy's own socket as the destination: no connection to itself.
     let mut c = proxied(&t, LB_V4, &sock(HOST_V4, 8443), &sock(CLIENT_V4, 43100))?;
@@ -100,18 +103,53 @@ fn dynamic_destination_udp_goes_where_the_header_says() -> Result<()> {
 /// table 123 for loopback answers and for marked packets, and a TPROXY rule sending
 /// ports 10000-10004 to mmproxy's listener on 127.0.0.1:25577 (::1 for IPv6).
 fn tproxy_recipe(host: &Netns, proto: &str) -> Result<()> {
-    host.ip(&["rule", "add", "from", "127.0.0.1/8", "iif", "lo", "table", "123"])?;
-    host.ip(&["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "123"])?;
+    host.ip(&[
+        "rule",
+        "add",
+        "from",
+        "127.0.0.1/8",
+        "iif",
+        "lo",
+        "table",
+        "123",
+    ])?;
+    host.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "123",
+    ])?;
     host.ip(&["rule", "add", "fwmark", "1", "lookup", "123"])?;
-    host.ip(&["-6", "rule", "add", "from", "::1/128", "iif", "lo", "table", "123"])?;
-    host.ip(&["-6", "route", "add", "local", "::/0", "dev", "lo", "table", "123"])?;
+    host.ip(&[
+        "-6", "rule", "add", "from", "::1/128", "iif", "lo", "table", "123",
+    ])?;
+    host.ip(&[
+        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "123",
+    ])?;
     host.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "123"])?;
     for (tables, on_ip) in [("iptables", "127.0.0.1"), ("ip6tables", "::1")] {
         host.run(
             tables,
             &[
-                "-t", "mangle", "-A", "PREROUTING", "-p", proto, "--dport", "10000:10004",
-                "-j", "TPROXY", "--tproxy-mark", "0x1/0x1", "--on-port", "25577", "--on-ip",
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-p",
+                proto,
+                "--dport",
+                "10000:10004",
+                "-j",
+                "TPROXY",
+                "--tproxy-mark",
+                "0x1/0x1",
+                "--on-port",
+                "25577",
+                "--on-ip",
                 on_ip,
             ],
         )?;

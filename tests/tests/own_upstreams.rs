@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use mmproxy_tests::args::{DaemonArgs, Ebpf};
 use mmproxy::proxy_protocol::encode_v1;
+use mmproxy_tests::args::{DaemonArgs, Ebpf};
 use mmproxy_tests::balancer::{connect, dgram, proxied, UdpBalancer};
 use mmproxy_tests::client::roundtrip;
 use mmproxy_tests::daemon::{counter, AllowedFile, Daemon};
@@ -119,10 +119,7 @@ fn upstream_connections_reach_the_service_not_mmproxy() -> Result<()> {
                 assert_eq!(seen.to_string(), client, "{case}");
             }
             let line = d.stats()?;
-            assert!(
-                counter(&line, "kernel_own_upstream") >= 2,
-                "{case}: {line}"
-            );
+            assert!(counter(&line, "kernel_own_upstream") >= 2, "{case}: {line}");
             // The balancer's two connections (or datagrams) were still steered.
             assert!(counter(&line, "kernel_steered") >= 2, "{case}: {line}");
         }
@@ -136,10 +133,7 @@ fn upstream_connections_reach_the_service_not_mmproxy() -> Result<()> {
 fn a_header_naming_mmproxys_own_socket_is_refused() -> Result<()> {
     require_root!();
     let t = Topology::new()?;
-    let args = Listen::Wildcard
-        .args(Proto::Tcp)
-        .ebpf(Ebpf::On)
-        .verbose(1);
+    let args = Listen::Wildcard.args(Proto::Tcp).ebpf(Ebpf::On).verbose(1);
     let d = Daemon::start(&t.host, &args)?;
     let mut c = proxied(&t, LB_V4, &sock(HOST_V4, 20000), &sock(CLIENT_V4, 42100))?;
     let mut rest = Vec::new();
