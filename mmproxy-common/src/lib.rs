@@ -175,6 +175,23 @@ impl FlowKey {
         }
     }
 
+    /// The key of the flow whose upstream socket sends a packet from `client` to
+    /// `service`: the mirror of [`FlowKey::of_packet`]. sk_lookup uses it to
+    /// recognise mmproxy's own upstream connections and datagrams, which a wildcard
+    /// listen rule would otherwise steer back to mmproxy. Addresses and ports as in
+    /// [`FlowKey`]'s fields.
+    #[inline(always)]
+    pub const fn of_upstream_packet(
+        family: u8,
+        protocol: u8,
+        client: [u8; 16],
+        client_port: u16,
+        service: [u8; 16],
+        service_port: u16,
+    ) -> Option<Self> {
+        Self::of_packet(family, protocol, service, service_port, client, client_port)
+    }
+
     /// The key a packet from `src` to `dst` would have if it answered a live flow:
     /// [`FlowKey::tcp_answer`] or [`FlowKey::udp_answer`] by `protocol`, `None` for
     /// other protocols.
@@ -214,10 +231,14 @@ pub enum Counter {
     ReturnMarked = 6,
     /// tc marked an answer generated on this host and redirected it into `lo`.
     ReturnRedirected = 7,
+    /// sk_lookup let one of mmproxy's own upstream connections (or datagrams) pass
+    /// to the service instead of steering it back to mmproxy: its tuple is a live
+    /// flow's.
+    OwnUpstream = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::RefusedV4,
         Counter::RefusedV6,
         Counter::AllowedV4,
@@ -226,6 +247,7 @@ impl Counter {
         Counter::SteerFailed,
         Counter::ReturnMarked,
         Counter::ReturnRedirected,
+        Counter::OwnUpstream,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -238,6 +260,7 @@ impl Counter {
             Counter::SteerFailed => "kernel_steer_failed",
             Counter::ReturnMarked => "kernel_return_marked",
             Counter::ReturnRedirected => "kernel_return_redirected",
+            Counter::OwnUpstream => "kernel_own_upstream",
         }
     }
 }
@@ -308,6 +331,30 @@ mod tests {
         assert_eq!(tcp.map(|k| k.src_addr), Some(service));
         assert_eq!(
             FlowKey::of_packet(FAMILY_V4, 1, service, 0, client, 0),
+            None
+        );
+    }
+
+    #[test]
+    fn an_upstream_packet_has_its_flows_key_tcp_and_udp() {
+        let service = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let client = [198, 51, 100, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let (sp, cp) = (20123u16.to_be(), 41000u16.to_be());
+        assert_eq!(
+            FlowKey::of_upstream_packet(FAMILY_V4, PROTO_TCP, client, cp, service, sp),
+            Some(FlowKey::tcp_answer(FAMILY_V4, service, sp, client, cp))
+        );
+        assert_eq!(
+            FlowKey::of_upstream_packet(FAMILY_V4, PROTO_UDP, client, cp, service, sp),
+            Some(FlowKey::udp_answer(FAMILY_V4, sp, client, cp))
+        );
+        // The service's own answer (the other direction) is not the same key.
+        assert_ne!(
+            FlowKey::of_upstream_packet(FAMILY_V4, PROTO_TCP, service, sp, client, cp),
+            Some(FlowKey::tcp_answer(FAMILY_V4, service, sp, client, cp))
+        );
+        assert_eq!(
+            FlowKey::of_upstream_packet(FAMILY_V4, 1, client, cp, service, sp),
             None
         );
     }

@@ -149,6 +149,16 @@ fn decide(ctx: &SkLookupContext) -> u32 {
     if lookup.protocol == PROTO_UDP && is_flow_answer(&lookup) {
         return SK_PASS;
     }
+    // mmproxy's own upstream connection (or datagram) to a service whose address and
+    // port a listen rule covers (a wildcard range, -dynamic-destination): steering it
+    // back to mmproxy would loop. The daemon registers each flow before its first
+    // packet leaves. (ingress_ifindex cannot tell these from a peer's packets: for a
+    // packet this host sends to one of its own addresses the kernel reports the
+    // interface that owns the address, e.g. eth0, and lo only for 127.0.0.0/8.)
+    if is_own_upstream(&lookup) {
+        count(Counter::OwnUpstream);
+        return SK_PASS;
+    }
 
     if config.filter_enabled != 0 && !source_allowed(&lookup) {
         if lookup.family == FAMILY_V4 {
@@ -241,6 +251,20 @@ fn is_flow_answer(lookup: &Lookup) -> bool {
         lookup.local_port.to_be(),
     );
     FLOWS.get_ptr(&key).is_some()
+}
+
+fn is_own_upstream(lookup: &Lookup) -> bool {
+    match FlowKey::of_upstream_packet(
+        lookup.family,
+        lookup.protocol,
+        lookup.remote,
+        lookup.remote_port,
+        lookup.local,
+        lookup.local_port.to_be(),
+    ) {
+        Some(key) => FLOWS.get_ptr(&key).is_some(),
+        None => false,
+    }
 }
 
 const ETH_HLEN: usize = 14;

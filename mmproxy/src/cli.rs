@@ -18,7 +18,17 @@ use crate::proxy_protocol::DEFAULT_MAX_HEADER_LEN;
 
 /// Flags that go-mmproxy defines, as written after the dash(es).
 const GO_SHORT: &[&str] = &["l", "4", "6", "p", "v"];
-const GO_LONG: &[&str] = &["allowed-subnets", "close-after", "listeners", "mark"];
+const GO_LONG: &[&str] = &[
+    "allowed-subnets",
+    "close-after",
+    "listeners",
+    "mark",
+    "dynamic-destination",
+    "listen-transparent",
+];
+/// go-mmproxy's boolean flags (the maintained fork's): Go also accepts
+/// `-name=true` / `-name=false`, which clap's switches do not.
+const GO_BOOL: &[&str] = &["dynamic-destination", "listen-transparent"];
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -68,6 +78,18 @@ pub struct Args {
     /// The mark that will be set on outbound packets (0: none)
     #[arg(long = "mark", default_value_t = 0)]
     pub mark: u32,
+
+    /// Forward to the destination address and port named in the PROXY header instead
+    /// of the -4/-6 targets (go-mmproxy fork's flag; LOCAL headers still use -4/-6).
+    /// Any proxy allowed by --allowed-subnets can then reach any address this host
+    /// can: list only trusted balancers
+    #[arg(long = "dynamic-destination")]
+    pub dynamic_destination: bool,
+
+    /// Set IP_TRANSPARENT on the listening sockets, so connections and datagrams an
+    /// iptables/nft TPROXY rule diverts to -l are accepted (go-mmproxy fork's flag)
+    #[arg(long = "listen-transparent")]
+    pub listen_transparent: bool,
 
     /// 0 - no logging of individual connections; 1 - log errors occurring in
     /// individual connections; 2 - log all state changes of individual connections
@@ -333,12 +355,30 @@ where
             out.push(arg);
             continue;
         };
+        if GO_BOOL.contains(&name) {
+            match value.map(go_bool) {
+                None | Some(Some(true)) => out.push(flag.into()),
+                Some(Some(false)) => {}
+                // Not a Go boolean: left for clap to report.
+                Some(None) => out.push(arg),
+            }
+            continue;
+        }
         out.push(flag.into());
         if let Some(v) = value {
             out.push(v.into());
         }
     }
     out
+}
+
+/// A boolean as Go's `strconv.ParseBool` reads it.
+fn go_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -428,6 +468,27 @@ mod tests {
         assert_eq!(a.listen[0].addr, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(a.protocol, Protocol::Udp);
         assert_eq!(a.verbose, 2);
+    }
+
+    #[test]
+    fn the_forks_switches_in_every_go_spelling() {
+        let a = parse(&[]);
+        assert!(!a.dynamic_destination && !a.listen_transparent);
+        for on in [
+            &["-dynamic-destination", "-listen-transparent"][..],
+            &["--dynamic-destination", "--listen-transparent"],
+            &["-dynamic-destination=true", "--listen-transparent=1"],
+        ] {
+            let a = parse(on);
+            assert!(a.dynamic_destination && a.listen_transparent, "{on:?}");
+        }
+        let a = parse(&["-dynamic-destination=false", "-listen-transparent=F"]);
+        assert!(!a.dynamic_destination && !a.listen_transparent);
+        // A switch takes no separate value: the next word is not eaten.
+        let a = parse(&["-dynamic-destination", "-l", "127.0.0.1:1"]);
+        assert!(a.dynamic_destination);
+        assert_eq!(a.listen[0].ports, 1..=1);
+        assert!(Args::try_from_iter(["mmproxy", "-dynamic-destination=yes"]).is_err());
     }
 
     #[test]

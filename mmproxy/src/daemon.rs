@@ -26,6 +26,7 @@ use crate::tcp::{self, TcpContext};
 use crate::udp;
 
 pub async fn run(args: Args) -> Result<()> {
+    crate::loop_guard::check_config(&args)?;
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
     // A running mmproxy with the same listen set hands its sockets over (an
@@ -62,12 +63,19 @@ pub async fn run(args: Args) -> Result<()> {
         .map(lock)
         .filter(|k| k.return_steering())
         .map(|k| k.flows());
+    // sk_lookup tells mmproxy's own upstream connections from proxies' by their
+    // registered flow, when a listen rule may cover the upstream.
+    let tcp_flows = steering.clone().or_else(|| {
+        kernel
+            .as_ref()
+            .filter(|_| crate::loop_guard::upstream_may_match_a_listen_rule(&args))
+            .map(|k| lock(k).flows())
+    });
 
     let routes = if args.no_routing {
         None
     } else {
-        let mut plan =
-            RoutingPlan::for_targets(args.route_table, &[args.target4.addr, args.target6.addr]);
+        let mut plan = RoutingPlan::for_targets(args.route_table, &routed_targets(&args));
         if steering.is_some() {
             plan = plan.with_fwmark(args.return_mark);
         }
@@ -92,7 +100,7 @@ pub async fn run(args: Args) -> Result<()> {
         tracker: &tracker,
     };
     let listening = match bound {
-        Bound::Tcp(groups) => serving.tcp(groups, steering)?,
+        Bound::Tcp(groups) => serving.tcp(groups, tcp_flows)?,
         // Whenever the kernel side is loaded, not only when tc steers: sk_lookup also
         // consults the flow table, so that an answer to a client port inside a
         // wildcard listen range is not taken for a proxy's datagram.
@@ -186,6 +194,20 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The targets the return-path routing is planned for. With `-dynamic-destination`
+/// the header names the service, most often on loopback (go-mmproxy fork's set-ups),
+/// so loopback is served whatever `-4`/`-6` say.
+fn routed_targets(args: &Args) -> Vec<std::net::IpAddr> {
+    let mut targets = vec![args.target4.addr, args.target6.addr];
+    if args.dynamic_destination {
+        targets.extend([
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ]);
+    }
+    targets
+}
+
 /// The listening sockets of every `-l`, one group of `--listeners` sockets each.
 enum Bound {
     Tcp(Vec<Vec<std::net::TcpListener>>),
@@ -218,12 +240,18 @@ impl Bound {
         Ok(match args.protocol {
             Protocol::Tcp => Bound::Tcp(
                 addrs
-                    .map(|a| tcp::bind_tcp(a, args.listeners).with_context(listening(a)))
+                    .map(|a| {
+                        tcp::bind_tcp_with(a, args.listeners, args.listen_transparent)
+                            .with_context(listening(a))
+                    })
                     .collect::<Result<_>>()?,
             ),
             Protocol::Udp => Bound::Udp(
                 addrs
-                    .map(|a| udp::bind_udp(a, args.listeners).with_context(listening(a)))
+                    .map(|a| {
+                        udp::bind_udp_with(a, args.listeners, args.listen_transparent)
+                            .with_context(listening(a))
+                    })
                     .collect::<Result<_>>()?,
             ),
         })

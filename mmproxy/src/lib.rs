@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod handoff;
 pub mod logging;
+pub mod loop_guard;
 pub mod metrics;
 pub mod netns_lease;
 pub mod netwatch;

@@ -31,6 +31,13 @@ pub fn set_transparent(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// IP_TRANSPARENT (IPV6_TRANSPARENT) on a listening socket (`-listen-transparent`):
+/// an iptables/nft TPROXY rule only hands connections and datagrams addressed to
+/// other ports or addresses to a socket that has it. Needs CAP_NET_ADMIN.
+pub fn set_listen_transparent(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {
+    set_transparent(fd, ipv6)
+}
+
 /// IP_FREEBIND: lets a listener bind an address that is not (yet) configured, e.g. a
 /// VIP that keepalived adds later.
 pub fn set_freebind(fd: &impl AsFd, ipv6: bool) -> io::Result<()> {

@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::addr::{canonical, ClientAddr, ProxyAddr, UpstreamAddr};
 use crate::cli::{Args, TargetSpec};
 use crate::ebpf::{FlowProtocol, FlowRegistry};
+use crate::loop_guard::OwnSockets;
 use crate::proxy_protocol::Endpoints;
 use crate::sockopt;
 use crate::stats::ConnectFailure;
@@ -28,6 +29,8 @@ pub struct Upstream {
     /// is registered here after bind and before its first packet leaves, for as long
     /// as its flow lives (ARCHITECTURE.md, step 6).
     pub flows: Option<Arc<dyn FlowRegistry>>,
+    /// mmproxy's own listening sockets, which no upstream may be.
+    pub own: OwnSockets,
 }
 
 impl Upstream {
@@ -35,7 +38,23 @@ impl Upstream {
         Upstream {
             targets: Targets::from_args(args),
             flows: None,
+            own: OwnSockets::from_args(args),
         }
+    }
+
+    /// [`Targets::choose`], refusing an upstream that is one of mmproxy's own
+    /// listening sockets ([`crate::loop_guard`]).
+    pub fn route(
+        &self,
+        endpoints: Endpoints,
+        proxy: ProxyAddr,
+        sent_to_port: impl FnOnce() -> io::Result<u16>,
+    ) -> Result<(Option<ClientAddr>, UpstreamAddr), TargetError> {
+        let (client, to) = self.targets.choose(endpoints, proxy, sent_to_port)?;
+        if self.own.covers(to.0) {
+            return Err(TargetError::IsMmproxy { to });
+        }
+        Ok((client, to))
     }
 
     /// Loopback targets and no kernel side, for tests.
@@ -44,6 +63,7 @@ impl Upstream {
         Upstream {
             targets: Targets::loopback(port4, port6),
             flows: None,
+            own: OwnSockets::default(),
         }
     }
 }
@@ -55,6 +75,9 @@ pub struct Targets {
     pub v4: TargetSpec,
     /// `-6`: target for IPv6 clients.
     pub v6: TargetSpec,
+    /// `-dynamic-destination`: the header's destination instead of `v4`/`v6` (which
+    /// then serve LOCAL headers only).
+    pub dynamic: bool,
 }
 
 impl Targets {
@@ -70,6 +93,7 @@ impl Targets {
                 addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
                 port: port6,
             },
+            dynamic: false,
         }
     }
 
@@ -77,6 +101,7 @@ impl Targets {
         Targets {
             v4: args.target4,
             v6: args.target6,
+            dynamic: args.dynamic_destination,
         }
     }
 
@@ -86,21 +111,34 @@ impl Targets {
     /// header's destination port is used, and for LOCAL the port the proxy sent to,
     /// which `sent_to_port` is asked for only then. Both addresses come back in
     /// canonical form ([`canonical`]).
-    pub fn choose<E>(
+    ///
+    /// With `-dynamic-destination` the header's destination is the upstream, as in
+    /// go-mmproxy's fork: whatever address and port the balancer names, on this host
+    /// or elsewhere. It must be a unicast address with a port, of the client's
+    /// family (a v2 header can pair an IPv4-mapped client with an IPv6 destination).
+    pub fn choose(
         &self,
         endpoints: Endpoints,
         proxy: ProxyAddr,
-        sent_to_port: impl FnOnce() -> Result<u16, E>,
-    ) -> Result<(Option<ClientAddr>, UpstreamAddr), E> {
+        sent_to_port: impl FnOnce() -> io::Result<u16>,
+    ) -> Result<(Option<ClientAddr>, UpstreamAddr), TargetError> {
         let (client, family_of, port) = match endpoints {
             Endpoints::Proxied {
                 client,
                 destination,
             } => {
                 let client = ClientAddr(canonical(client.0));
+                if self.dynamic {
+                    let to = UpstreamAddr(canonical(destination.0));
+                    return dynamic_destination(client, to).map(|to| (Some(client), to));
+                }
                 (Some(client), client.0.ip(), destination.0.port())
             }
-            Endpoints::Local => (None, proxy.0.ip().to_canonical(), sent_to_port()?),
+            Endpoints::Local => (
+                None,
+                proxy.0.ip().to_canonical(),
+                sent_to_port().map_err(TargetError::NoLocalPort)?,
+            ),
         };
         let target = if family_of.is_ipv4() {
             self.v4
@@ -109,6 +147,54 @@ impl Targets {
         };
         let to = SocketAddr::new(target.addr, target.port.unwrap_or(port));
         Ok((client, UpstreamAddr(canonical(to))))
+    }
+}
+
+/// The header's destination as the upstream (`-dynamic-destination`), if usable.
+fn dynamic_destination(client: ClientAddr, to: UpstreamAddr) -> Result<UpstreamAddr, TargetError> {
+    if client.0.is_ipv4() != to.0.is_ipv4() {
+        return Err(TargetError::DestinationFamily { client, to });
+    }
+    let unicast = match to.0.ip() {
+        IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()),
+        IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
+    };
+    if !unicast || to.0.port() == 0 {
+        return Err(TargetError::DestinationUnusable { to });
+    }
+    Ok(to)
+}
+
+/// Why no upstream could be chosen for a header.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("cannot tell which port the LOCAL header's proxy sent to")]
+    NoLocalPort(#[source] io::Error),
+    #[error(
+        "-dynamic-destination: the header's client {client} and destination {to} are of \
+         different address families"
+    )]
+    DestinationFamily {
+        client: ClientAddr,
+        to: UpstreamAddr,
+    },
+    #[error(
+        "-dynamic-destination: the header's destination {to} is not a unicast address and port"
+    )]
+    DestinationUnusable { to: UpstreamAddr },
+    #[error("upstream {to} is one of mmproxy's own listening sockets: the connection would loop")]
+    IsMmproxy { to: UpstreamAddr },
+}
+
+impl TargetError {
+    /// Short label for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoLocalPort(_) => "no_local_addr",
+            Self::DestinationFamily { .. } => "destination_family",
+            Self::DestinationUnusable { .. } => "destination_unusable",
+            Self::IsMmproxy { .. } => "upstream_is_mmproxy",
+        }
     }
 }
 
@@ -325,7 +411,6 @@ pub fn descriptor_hint(e: &io::Error) -> &'static str {
 mod tests {
     use super::*;
     use crate::addr::OrigDstAddr;
-    use std::convert::Infallible;
 
     fn choose(
         t: &Targets,
@@ -334,8 +419,97 @@ mod tests {
         port: u16,
     ) -> (Option<ClientAddr>, UpstreamAddr) {
         let proxy = ProxyAddr(proxy.parse().unwrap());
-        let Ok(chosen) = t.choose(endpoints, proxy, || Ok::<_, Infallible>(port));
-        chosen
+        t.choose(endpoints, proxy, || Ok(port)).unwrap()
+    }
+
+    fn proxied(client: &str, dst: &str) -> Endpoints {
+        Endpoints::Proxied {
+            client: ClientAddr(client.parse().unwrap()),
+            destination: OrigDstAddr(dst.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn dynamic_destination_is_the_headers_and_local_keeps_the_targets() {
+        let t = Targets {
+            dynamic: true,
+            ..Targets::loopback(Some(9000), Some(9000))
+        };
+        let proxy = ProxyAddr("192.0.2.1:1".parse().unwrap());
+        let (from, to) = t
+            .choose(proxied("198.51.100.9:4000", "192.0.2.2:53"), proxy, || {
+                Err(io::Error::other("asked"))
+            })
+            .unwrap();
+        assert_eq!(from.unwrap().0.to_string(), "198.51.100.9:4000");
+        assert_eq!(to.0.to_string(), "192.0.2.2:53");
+        // Mapped on both sides: IPv4.
+        let (_, to) = choose(
+            &t,
+            proxied("[::ffff:198.51.100.9]:4000", "[::ffff:192.0.2.2]:53"),
+            "192.0.2.1:1",
+            1,
+        );
+        assert_eq!(to.0.to_string(), "192.0.2.2:53");
+        let (from, to) = choose(&t, Endpoints::Local, "192.0.2.1:1", 1);
+        assert!(from.is_none());
+        assert_eq!(to.0.to_string(), "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn dynamic_destination_refuses_other_families_and_non_unicast() {
+        let t = Targets {
+            dynamic: true,
+            ..Targets::loopback(None, None)
+        };
+        let proxy = ProxyAddr("192.0.2.1:1".parse().unwrap());
+        for (client, dst, kind) in [
+            (
+                "[::ffff:198.51.100.9]:4000",
+                "[2001:db8::2]:53",
+                "destination_family",
+            ),
+            ("198.51.100.9:4000", "0.0.0.0:53", "destination_unusable"),
+            (
+                "198.51.100.9:4000",
+                "255.255.255.255:53",
+                "destination_unusable",
+            ),
+            ("198.51.100.9:4000", "224.0.0.1:53", "destination_unusable"),
+            ("198.51.100.9:4000", "192.0.2.2:0", "destination_unusable"),
+            ("[2001:db8::9]:4000", "[ff02::1]:53", "destination_unusable"),
+            ("[2001:db8::9]:4000", "[::]:53", "destination_unusable"),
+        ] {
+            let e = t
+                .choose(proxied(client, dst), proxy, || Ok(1))
+                .expect_err(dst);
+            assert_eq!(e.kind(), kind, "{client} -> {dst}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_upstream_on_mmproxys_own_socket_is_refused() {
+        let mut u = Upstream::loopback(None, None);
+        u.own = OwnSockets::from_args(
+            &Args::try_from_iter(["mmproxy", "-l", "0.0.0.0:20000-20999"]).unwrap(),
+        );
+        let proxy = ProxyAddr("192.0.2.1:1".parse().unwrap());
+        let e = u
+            .route(
+                proxied("198.51.100.9:4000", "192.0.2.2:20000"),
+                proxy,
+                || Ok(1),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), "upstream_is_mmproxy", "{e}");
+        let (_, to) = u
+            .route(
+                proxied("198.51.100.9:4000", "192.0.2.2:20001"),
+                proxy,
+                || Ok(1),
+            )
+            .unwrap();
+        assert_eq!(to.0.to_string(), "127.0.0.1:20001");
     }
 
     #[test]
@@ -378,8 +552,9 @@ mod tests {
             destination: OrigDstAddr("192.0.2.2:53".parse().unwrap()),
         };
         let proxy = ProxyAddr("192.0.2.1:1".parse().unwrap());
-        assert!(t.choose(proxied, proxy, || Err(())).is_ok());
-        assert!(t.choose(Endpoints::Local, proxy, || Err(())).is_err());
+        let asked = || Err(io::Error::other("asked"));
+        assert!(t.choose(proxied, proxy, asked).is_ok());
+        assert!(t.choose(Endpoints::Local, proxy, asked).is_err());
     }
 
     #[test]

@@ -139,6 +139,20 @@ impl DaemonArgs {
         self.flag("--return-interface", iface)
     }
 
+    /// `-dynamic-destination` (go-mmproxy fork's spelling): the header's destination
+    /// is the upstream.
+    pub fn dynamic_destination(mut self) -> Self {
+        self.args.push("-dynamic-destination".to_owned());
+        self
+    }
+
+    /// `-listen-transparent` (go-mmproxy fork's spelling): IP_TRANSPARENT on the
+    /// listening sockets, for a TPROXY rule.
+    pub fn listen_transparent(mut self) -> Self {
+        self.args.push("-listen-transparent".to_owned());
+        self
+    }
+
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self

@@ -33,6 +33,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ),
     ("lintian", "checks the .deb that `cargo xtask dist` builds"),
     ("systemd", "systemd-analyze verifies and scores the units"),
+    (
+        "iptables",
+        "the go-mmproxy fork's TPROXY recipe for -listen-transparent, in a test namespace",
+    ),
 ];
 
 /// Cargo subcommands: (crate, version, why). Versions are pinned so a fresh

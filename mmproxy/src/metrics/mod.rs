@@ -524,6 +524,13 @@ impl Metrics {
             None,
             v(Counter::SteerFailed),
         )?;
+        counter(
+            e,
+            "kernel_own_upstream",
+            "Lookups of mmproxy's own upstream connections (or datagrams) that sk_lookup passed to the service instead of steering them back to mmproxy.",
+            None,
+            v(Counter::OwnUpstream),
+        )?;
         counters(
             e,
             ("kernel_return_packets", "Answers of live flows the tc programs handled: marked (arriving on an ingress interface) or redirected (generated here, redirected into lo).", None),

@@ -354,6 +354,7 @@ fn kernel_counters_are_read_at_scrape_time_and_vanish_with_the_kernel_side() {
             "mmproxy_kernel_return_packets_total{action=\"redirected\"}",
             17.0,
         ),
+        ("mmproxy_kernel_own_upstream_total", 18.0),
         (
             "mmproxy_kernel_program_attached{program=\"sk_lookup\"}",
             1.0,

@@ -41,11 +41,30 @@ const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// IPv6 sockets are IPV6_V6ONLY, so `[::]` and `0.0.0.0` on the same port can both be
 /// listened on and IPv4 peers never show up as IPv4-mapped addresses.
 pub fn bind_tcp(addr: SocketAddr, count: u16) -> io::Result<Vec<std::net::TcpListener>> {
-    sockopt::bind_group(addr, count, bind_stream_listener)
+    bind_tcp_with(addr, count, false)
 }
 
-fn bind_stream_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+/// [`bind_tcp`], with IP_TRANSPARENT on each socket when `transparent`
+/// (`-listen-transparent`, [`sockopt::set_listen_transparent`]).
+pub fn bind_tcp_with(
+    addr: SocketAddr,
+    count: u16,
+    transparent: bool,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    sockopt::bind_group(addr, count, |addr, reuse_port| {
+        bind_stream_listener(addr, reuse_port, transparent)
+    })
+}
+
+fn bind_stream_listener(
+    addr: SocketAddr,
+    reuse_port: bool,
+    transparent: bool,
+) -> io::Result<Socket> {
     let socket = sockopt::listening_socket(addr, Type::STREAM, Protocol::TCP, reuse_port)?;
+    if transparent {
+        sockopt::set_listen_transparent(&socket, addr.is_ipv6())?;
+    }
     // Accepted connections inherit it: one call per listener, not one per connection.
     sockopt::set_nodelay(&socket)?;
     socket.bind(&addr.into())?;

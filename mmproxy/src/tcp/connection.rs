@@ -4,7 +4,6 @@
 //!
 //! Logging follows [`crate::logging`]: failures of a connection are `warn!` and
 //! state changes `debug!`, both on [`CONN_TARGET`], so `-v` decides what is shown.
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use crate::ebpf::{FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 use crate::logging::CONN_TARGET;
 use crate::proxy_protocol::Endpoints;
 use crate::stats::{ConnectFailure, Stats};
+use crate::transparent::TargetError;
 
 use super::header_phase::{read_header, reject, Rejection};
 use super::{connect, relay, TcpContext};
@@ -45,9 +45,9 @@ pub async fn handle(mut conn: TcpStream, proxy: ProxyAddr, ctx: Arc<TcpContext>)
         Ok(route) => route,
         Err(e) => {
             stats.connect_failed(ConnectFailure::Other);
-            warn!(target: CONN_TARGET, peer = %proxy, reason = "no_local_addr",
+            warn!(target: CONN_TARGET, peer = %proxy, reason = e.kind(),
                   error = &e as &dyn std::error::Error,
-                  "cannot choose the upstream for a LOCAL header");
+                  "no upstream for this header; connection closed");
             return;
         }
     };
@@ -126,17 +126,16 @@ fn register_flow(
     }
 }
 
-/// Where to connect from and to ([`crate::transparent::Targets::choose`]); for LOCAL
+/// Where to connect from and to ([`crate::transparent::Upstream::route`]); for LOCAL
 /// the port the balancer connected to is the accepted connection's own.
 fn choose_target(
     endpoints: Endpoints,
     conn: &TcpStream,
     proxy: ProxyAddr,
     ctx: &TcpContext,
-) -> io::Result<(Option<ClientAddr>, UpstreamAddr)> {
+) -> Result<(Option<ClientAddr>, UpstreamAddr), TargetError> {
     ctx.upstream
-        .targets
-        .choose(endpoints, proxy, || conn.local_addr().map(|a| a.port()))
+        .route(endpoints, proxy, || conn.local_addr().map(|a| a.port()))
 }
 
 /// Holds a gauge up for as long as it lives.

@@ -19,7 +19,7 @@ use crate::proxy_protocol::{self, DecodeOptions};
 use crate::stats::Stats;
 use crate::transparent::Upstream;
 
-pub use accept::{bind_tcp, serve_tcp, spawn_tcp};
+pub use accept::{bind_tcp, bind_tcp_with, serve_tcp, spawn_tcp};
 pub use connect::ConnectOptions;
 pub use connection::handle;
 

@@ -62,7 +62,7 @@ use crate::transparent::Upstream;
 pub use cmsg::LocalDst;
 pub use flow_table::FlowTable;
 pub use limits::raise_nofile_limit;
-pub use receive::{bind_udp, serve_udp, serve_udp_draining};
+pub use receive::{bind_udp, bind_udp_with, serve_udp, serve_udp_draining};
 
 /// Pause after an unexpected receive error, so a persistent one cannot spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(10);

@@ -2,7 +2,6 @@
 //! a batch, check each proxy against the allow-list, decode the header, find or open
 //! the flow and send the payloads on, consecutive datagrams of one flow in one
 //! sendmmsg(2).
-use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -46,11 +45,30 @@ const LISTENER_RCVBUF: usize = 4 << 20;
 /// socket to that port on the client's address: without it on both sockets the
 /// kernel refuses the bind as overlapping with the wildcard listener.
 pub fn bind_udp(addr: SocketAddr, count: u16) -> io::Result<Vec<std::net::UdpSocket>> {
-    sockopt::bind_group(addr, count, bind_datagram_listener)
+    bind_udp_with(addr, count, false)
 }
 
-fn bind_datagram_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+/// [`bind_udp`], with IP_TRANSPARENT on each socket when `transparent`
+/// (`-listen-transparent`, [`sockopt::set_listen_transparent`]).
+pub fn bind_udp_with(
+    addr: SocketAddr,
+    count: u16,
+    transparent: bool,
+) -> io::Result<Vec<std::net::UdpSocket>> {
+    sockopt::bind_group(addr, count, |addr, reuse_port| {
+        bind_datagram_listener(addr, reuse_port, transparent)
+    })
+}
+
+fn bind_datagram_listener(
+    addr: SocketAddr,
+    reuse_port: bool,
+    transparent: bool,
+) -> io::Result<Socket> {
     let socket = sockopt::listening_socket(addr, Type::DGRAM, Protocol::UDP, reuse_port)?;
+    if transparent {
+        sockopt::set_listen_transparent(&socket, addr.is_ipv6())?;
+    }
     sockopt::set_recv_pktinfo(&socket, addr.is_ipv6())?;
     sockopt::set_recv_orig_dst_addr(&socket, addr.is_ipv6())?;
     sockopt::set_large_rcvbuf(&socket, LISTENER_RCVBUF);
@@ -235,13 +253,22 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
         let admitted = self.admit(d, now)?;
         // LOCAL without a target port goes to the port the proxy sent to.
         let sent_to_port = d.orig_dst.map_or(self.local_port, |a| a.port());
-        let Ok((client, target)) =
-            self.ctx
-                .upstream
-                .targets
-                .choose(admitted.endpoints, admitted.proxy, || {
-                    Ok::<_, Infallible>(sent_to_port)
-                });
+        let routed = self
+            .ctx
+            .upstream
+            .route(admitted.endpoints, admitted.proxy, || Ok(sent_to_port));
+        let (client, target) = match routed {
+            Ok(route) => route,
+            Err(e) => {
+                Stats::inc(&self.ctx.stats.udp_upstream_errors);
+                if self.log.allow(now) {
+                    warn!(target: CONN_TARGET, peer = %admitted.proxy, reason = e.kind(),
+                          error = &e as &dyn std::error::Error,
+                          "no upstream for this datagram's header, dropped");
+                }
+                return None;
+            }
+        };
         let id = FlowId {
             proxy: admitted.proxy,
             client,
