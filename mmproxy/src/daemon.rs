@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -25,22 +25,33 @@ use crate::tcp::{self, TcpContext};
 use crate::udp;
 
 pub async fn run(args: Args) -> Result<()> {
+    // The same checks as `mmproxy check`, before anything is changed.
+    let validated = crate::preflight::validate(&args)?;
+    let (_, capabilities) = crate::caps::assess_self(&args);
+    if let Some(missing) = capabilities.fatal.into_iter().next() {
+        return Err(missing.into());
+    }
+    if let Some(missing) = &capabilities.kernel_off {
+        warn!("kernel side unavailable, running userspace-only: {missing}");
+    }
+    let kernel_possible = capabilities.kernel_off.is_none();
+
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
     let monitoring = Monitoring::start(&args, stats.clone()).await?;
 
-    let (allowed, warnings) = SharedAllowList::from_file(args.allowed_subnets.as_deref())?;
-    for w in warnings {
+    for w in validated.warnings {
         warn!("{w}");
     }
-    let allowed = Arc::new(allowed);
+    let allowed = Arc::new(validated.allowed);
+    let rules = validated.rules.filter(|_| kernel_possible);
 
     // Listening sockets first: a port in use is the commonest start-up error and
     // should be reported before anything is installed in the kernel.
     let bound = Bound::bind(&args)?;
     let kernel = match &bound {
-        Bound::Tcp(groups) => start_kernel_side(&args, &allowed, groups).await?,
-        Bound::Udp(groups) => start_kernel_side(&args, &allowed, groups).await?,
+        Bound::Tcp(groups) => start_kernel_side(&args, &allowed, rules.as_deref(), groups).await?,
+        Bound::Udp(groups) => start_kernel_side(&args, &allowed, rules.as_deref(), groups).await?,
     };
     monitoring.kernel(kernel.as_ref());
     let steering = kernel
@@ -246,24 +257,15 @@ fn lock(kernel: &Kernel) -> std::sync::MutexGuard<'_, KernelSide> {
 async fn start_kernel_side<S: std::os::fd::AsRawFd>(
     args: &Args,
     allowed: &SharedAllowList,
+    rules: Option<&[mmproxy_common::ListenRule]>,
     sockets: &[Vec<S>],
 ) -> Result<Option<Kernel>> {
-    let needs_kernel = args.listen.iter().any(|l| l.is_range());
-    if args.ebpf == EbpfMode::Off {
-        if needs_kernel {
-            bail!("port ranges in -l need the kernel side, but --ebpf off was given");
-        }
-        if !args.return_interfaces.is_empty() {
-            bail!("--return-interface needs the kernel side, but --ebpf off was given");
-        }
+    // `None`: --ebpf off, or auto without the capabilities (said above). What
+    // needs the kernel side was refused by then (crate::preflight, crate::caps).
+    let Some(rules) = rules else {
         return Ok(None);
-    }
-    if args.mark != 0 && args.mark == args.return_mark {
-        bail!(
-            "--mark and --return-mark are both {:#x}: upstream packets would be routed back to this host",
-            args.mark
-        );
-    }
+    };
+    let needs_kernel = crate::preflight::needs_kernel(args);
     let return_path = ebpf::ifaces::choose(
         &[args.target4.addr, args.target6.addr],
         args.protocol == Protocol::Udp,
@@ -274,11 +276,10 @@ async fn start_kernel_side<S: std::os::fd::AsRawFd>(
     for note in &return_path.notes {
         warn!("return path: {note}");
     }
-    let rules = ebpf::listen_rules(&args.listen, args.protocol)?;
     let current = allowed.current();
     let (v4, v6) = split_nets(current.as_deref());
     let opts = KernelOptions {
-        rules: &rules,
+        rules,
         allowed: current.as_ref().map(|_| (&v4[..], &v6[..])),
         verbose: args.verbose,
         return_path: &return_path,

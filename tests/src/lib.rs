@@ -10,6 +10,7 @@ pub mod haproxy;
 pub mod netns;
 pub mod topology;
 pub mod udp_upstream;
+pub mod unprivileged;
 pub mod upstream;
 
 use std::time::Duration;

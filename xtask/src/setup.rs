@@ -33,6 +33,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ),
     ("lintian", "checks the .deb that `cargo xtask dist` builds"),
     ("systemd", "systemd-analyze verifies and scores the units"),
+    (
+        "util-linux",
+        "setpriv and unshare start the daemon as the unit's unprivileged user",
+    ),
+    ("passwd", "useradd creates that user (mmpt-daemon)"),
 ];
 
 /// Cargo subcommands: (crate, version, why). Versions are pinned so a fresh
