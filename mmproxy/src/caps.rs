@@ -137,12 +137,8 @@ pub fn assess(args: &Args, held: Option<CapSet>, unprivileged_port_start: u16) -
     let Some(held) = held else {
         return out;
     };
-    let missing = |caps: &[Cap]| -> Vec<Cap> {
-        caps.iter()
-            .copied()
-            .filter(|c| !held.grants(*c))
-            .collect()
-    };
+    let missing =
+        |caps: &[Cap]| -> Vec<Cap> { caps.iter().copied().filter(|c| !held.grants(*c)).collect() };
     // IP_TRANSPARENT takes CAP_NET_RAW as well as CAP_NET_ADMIN.
     if !held.has(Cap::NetAdmin) && !held.has(Cap::NetRaw) {
         out.fatal.push(Missing {
@@ -266,7 +262,15 @@ mod tests {
 
     #[test]
     fn each_missing_capability_is_named_with_its_directive() {
-        let without = |cap: Cap| Some(CapSet::of(&UNIT.map(|c| if c == cap { Cap::NetRaw } else { c })));
+        let without = |cap: Cap| {
+            Some(CapSet::of(&UNIT.map(|c| {
+                if c == cap {
+                    Cap::NetRaw
+                } else {
+                    c
+                }
+            })))
+        };
         let on = args(&["--ebpf", "on"]);
         let a = assess(&on, without(Cap::Bpf), 1024);
         assert_eq!(a.fatal.len(), 1, "{a:?}");
@@ -289,7 +293,9 @@ mod tests {
         let a = assess(&low, without(Cap::NetBindService), 1024);
         assert_eq!(a.fatal[0].caps, [Cap::NetBindService]);
         assert!(a.fatal[0].to_string().contains("listening on 0.0.0.0:443"));
-        assert!(assess(&low, without(Cap::NetBindService), 80).fatal.is_empty());
+        assert!(assess(&low, without(Cap::NetBindService), 80)
+            .fatal
+            .is_empty());
     }
 
     #[test]

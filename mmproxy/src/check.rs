@@ -173,13 +173,22 @@ fn kernel_side(args: &Args, assessment: &caps::Assessment, wanted: bool, r: &mut
         );
         return false;
     }
-    if assessment.fatal.iter().any(|m| m.caps.contains(&Cap::Bpf) || m.caps.contains(&Cap::Perfmon)) {
-        r.row("kernel side", State::Fail, "cannot load without its capabilities (above)");
+    if assessment
+        .fatal
+        .iter()
+        .any(|m| m.caps.contains(&Cap::Bpf) || m.caps.contains(&Cap::Perfmon))
+    {
+        r.row(
+            "kernel side",
+            State::Fail,
+            "cannot load without its capabilities (above)",
+        );
         return false;
     }
     match ebpf::probe() {
         Ok(()) => {
-            let mut what = vec!["sk_lookup and tc programs load; allowed subnets enforced before accept()"];
+            let mut what =
+                vec!["sk_lookup and tc programs load; allowed subnets enforced before accept()"];
             if preflight::needs_kernel(args) {
                 what.push("port ranges steered to one socket");
             }
@@ -214,7 +223,8 @@ async fn return_path(args: &Args, r: &mut Report) -> bool {
     let ifaces = match chosen {
         Ok(i) => i,
         Err(e) => {
-            let e = anyhow::Error::new(e).context("choosing the interfaces for return-path steering");
+            let e =
+                anyhow::Error::new(e).context("choosing the interfaces for return-path steering");
             r.row("tc return path", State::Fail, format!("{e:#}"));
             return false;
         }
@@ -291,7 +301,11 @@ fn runtime_dir() -> (State, String) {
         false => (dir.parent().unwrap_or(dir), false),
     };
     if writable(probe) {
-        let how = if exists { "writable" } else { "created at start" };
+        let how = if exists {
+            "writable"
+        } else {
+            "created at start"
+        };
         (State::Ok, format!("{DEFAULT_LOCK_DIR}: {how}"))
     } else {
         (
@@ -328,7 +342,8 @@ async fn routing_rows(args: &Args, steering: bool, r: &mut Report) {
         r.row(what, State::Off, "--no-routing: nothing installed");
         return;
     }
-    let mut plan = RoutingPlan::for_targets(args.route_table, &[args.target4.addr, args.target6.addr]);
+    let mut plan =
+        RoutingPlan::for_targets(args.route_table, &[args.target4.addr, args.target6.addr]);
     if steering {
         plan = plan.with_fwmark(args.return_mark);
     }
@@ -348,7 +363,11 @@ async fn routing_rows(args: &Args, steering: bool, r: &mut Report) {
                 r.row(&what, State::Ok, format!("would add {}", quoted(&p.to_add)));
             }
             if !p.present.is_empty() {
-                r.row(&what, State::Ok, format!("present, reused: {}", quoted(&p.present)));
+                r.row(
+                    &what,
+                    State::Ok,
+                    format!("present, reused: {}", quoted(&p.present)),
+                );
             }
             if !p.others.is_empty() {
                 r.row(
@@ -386,7 +405,11 @@ fn listener_rows(args: &Args, kernel_on: bool, r: &mut Report) {
         r.row("listen", state, detail);
     }
     if let Some(addr) = args.metrics {
-        r.row("metrics", State::Ok, format!("http://{addr}/metrics, /healthz, /readyz"));
+        r.row(
+            "metrics",
+            State::Ok,
+            format!("http://{addr}/metrics, /healthz, /readyz"),
+        );
     }
 }
 

@@ -99,7 +99,12 @@ impl Daemon {
     /// the unprivileged test user ([`DaemonArgs::privileges`]).
     pub fn spawn(ns: &Netns, args: &DaemonArgs) -> Result<Self> {
         let Some(caps) = args.privileges.resolve()? else {
-            return Self::spawn_program(ns, &binary().to_string_lossy(), &args.to_vec(), &args.env());
+            return Self::spawn_program(
+                ns,
+                &binary().to_string_lossy(),
+                &args.to_vec(),
+                &args.env(),
+            );
         };
         let (mut cmd, launch) = unprivileged::command(ns, &binary(), &args.to_vec(), &caps)?;
         cmd.envs(args.env());

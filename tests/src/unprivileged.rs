@@ -201,16 +201,15 @@ impl NotifySocket {
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 4096];
         loop {
-            if let Some(m) = self
-                .received
-                .iter()
-                .find(|m| m.lines().any(|l| l == state))
-            {
+            if let Some(m) = self.received.iter().find(|m| m.lines().any(|l| l == state)) {
                 return Ok(m.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("no {state} on NOTIFY_SOCKET within {timeout:?}: {:?}", self.received);
+                bail!(
+                    "no {state} on NOTIFY_SOCKET within {timeout:?}: {:?}",
+                    self.received
+                );
             }
             self.socket.set_read_timeout(Some(left))?;
             match self.socket.recv(&mut buf) {
@@ -257,9 +256,10 @@ pub fn command(
     }
     // setpriv's names: lower case without the CAP_ prefix.
     let set = std::iter::once("-all".to_owned())
-        .chain(caps.iter().map(|c| {
-            format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase())
-        }))
+        .chain(
+            caps.iter()
+                .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase())),
+        )
         .collect::<Vec<_>>()
         .join(",");
     // A mount namespace of its own (private: nothing propagates back) in which the
@@ -270,11 +270,19 @@ pub fn command(
          --inh-caps={set} --ambient-caps={set} --bounding-set={set} -- \"$@\""
     );
     let mut cmd = ns.command("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh"])
-        .arg(&runtime.0)
-        .arg(&program)
-        .args(args)
-        .env("NOTIFY_SOCKET", &notify.path);
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg(&runtime.0)
+    .arg(&program)
+    .args(args)
+    .env("NOTIFY_SOCKET", &notify.path);
     Ok((
         cmd,
         Unprivileged {

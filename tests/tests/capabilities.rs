@@ -45,8 +45,8 @@ fn unit_capabilities_run_the_kernel_side_and_speak_sd_notify() -> Result<()> {
     let mut d = Daemon::start(&t.host, &args)?;
     d.wait_for("egress=gw0", WAIT)?;
     assert_eq!(accept_local(&t.host)?, "1");
-    let mut c = proxied(&t, LB_V4, &sock(HOST_V4, 443), "198.51.100.9:53")
-        .with_context(|| d.log_text())?;
+    let mut c =
+        proxied(&t, LB_V4, &sock(HOST_V4, 443), "198.51.100.9:53").with_context(|| d.log_text())?;
     roundtrip(&mut c, b"as the unit's user").with_context(|| d.log_text())?;
     assert_eq!(echo.next_peer(WAIT)?, "198.51.100.9:53".parse()?);
     drop(c);
@@ -81,7 +81,9 @@ fn a_missing_capability_stops_start_up_with_one_line_naming_it() -> Result<()> {
         ),
         (
             "CAP_PERFMON",
-            DaemonArgs::udp().listen("0.0.0.0:20000-20099").target4("127.0.0.1"),
+            DaemonArgs::udp()
+                .listen("0.0.0.0:20000-20099")
+                .target4("127.0.0.1"),
             "the kernel side (port ranges in -l)",
         ),
         (
@@ -108,7 +110,11 @@ fn a_missing_capability_stops_start_up_with_one_line_naming_it() -> Result<()> {
             &format!("AmbientCapabilities={cap}"),
             "CapabilityBoundingSet=",
         ] {
-            assert!(lines[0].contains(words), "{cap}: no {words:?} in {}", lines[0]);
+            assert!(
+                lines[0].contains(words),
+                "{cap}: no {words:?} in {}",
+                lines[0]
+            );
         }
         assert_eq!(ns.rules_and_routes()?, before, "{cap}: routing was touched");
     }

@@ -4,9 +4,9 @@ use anyhow::Result;
 use mmproxy_tests::args::{DaemonArgs, Ebpf, Mode};
 use mmproxy_tests::daemon::{check, AllowedFile};
 use mmproxy_tests::netns::Netns;
+use mmproxy_tests::require_root;
 use mmproxy_tests::topology::*;
 use mmproxy_tests::unprivileged::Privileges;
-use mmproxy_tests::require_root;
 
 fn accept_local(ns: &Netns) -> Result<String> {
     Ok(ns
@@ -34,8 +34,8 @@ fn good_setup_exits_zero_names_the_features_and_changes_nothing() -> Result<()> 
     let tc_before = t.host.run("bpftool", &["net", "show"])?;
     let args = DaemonArgs::tcp()
         .flag_raw("-l", "0.0.0.0:20000-20999")
-        .flag_raw("-4", &sock(HOST_V4, 9000))
-        .flag_raw("-allowed-subnets", &allowed.as_ref().to_string_lossy())
+        .flag_raw("-4", sock(HOST_V4, 9000))
+        .flag_raw("-allowed-subnets", allowed.as_ref().to_string_lossy())
         .ebpf(Ebpf::On);
     let (status, out) = check(&t.host, &args)?;
     assert!(status.success(), "{out}");
@@ -47,7 +47,10 @@ fn good_setup_exits_zero_names_the_features_and_changes_nothing() -> Result<()> 
         ("kernel side", "port ranges steered"),
         ("tc return path", "egress on gw0"),
         ("sysctl", &format!("accept_local is {accept_before}")),
-        ("routing table 123", "`ip rule fwmark 0x6d6d7078 lookup 123`"),
+        (
+            "routing table 123",
+            "`ip rule fwmark 0x6d6d7078 lookup 123`",
+        ),
         ("routing table 123", "would add"),
         ("listen", "ports 20000-20999"),
     ] {

@@ -18,7 +18,7 @@ const UNPRIVILEGED_TESTS: &[&str] = &[
     "udp_disallowed_proxy_is_dropped_by_the_kernel",
     "port_range_of_1000_ports",
     "udp_range_answers_leave_from_the_port",
-    "placement_",
+    "placement",
     "attached_while_running_and_nothing_left",
     "two_instances_share_the_return_path",
 ];
