@@ -25,8 +25,9 @@ use crate::tcp::{self, TcpContext};
 use crate::udp;
 
 pub async fn run(args: Args) -> Result<()> {
-    // The same checks as `mmproxy check`, before anything is changed.
-    let validated = crate::preflight::validate(&args)?;
+    // The same checks as `mmproxy check`, before anything is changed: the
+    // capabilities first (a low --metrics port needs one), then, with /readyz
+    // already answering "starting up", the flags and the allowed-subnets file.
     let (_, capabilities) = crate::caps::assess_self(&args);
     if let Some(missing) = capabilities.fatal.into_iter().next() {
         return Err(missing.into());
@@ -39,6 +40,7 @@ pub async fn run(args: Args) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
     let monitoring = Monitoring::start(&args, stats.clone()).await?;
+    let validated = crate::preflight::validate(&args)?;
 
     for w in validated.warnings {
         warn!("{w}");
