@@ -30,13 +30,70 @@ const GO_LONG: &[&str] = &[
 /// `-name=true` / `-name=false`, which clap's switches do not.
 const GO_BOOL: &[&str] = &["dynamic-destination", "listen-transparent"];
 
-#[derive(Parser, Debug, Clone)]
+/// The command line: the daemon's flags, or `check` followed by the same flags.
+#[derive(Parser, Debug)]
 #[command(
     name = "mmproxy",
     version = env!("MMPROXY_VERSION"),
     about = "Unwraps PROXY protocol v1/v2 and connects to the service from the original client's address",
     long_about = None,
+    args_conflicts_with_subcommands = true,
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Subcommand {
+    /// Check the configuration and this host, changing nothing (like `nginx -t`)
+    ///
+    /// Validates the flags and the allowed-subnets file as start-up does, probes this
+    /// host (capabilities held, BPF and sk_lookup, the tc interfaces, the sysctl it
+    /// would change, its routing table) and prints what would happen at start as a
+    /// table; exits non-zero where start-up would fail. Takes the daemon's flags,
+    /// go-mmproxy spellings included: `mmproxy check -l 0.0.0.0:443 -allowed-subnets
+    /// /etc/mmproxy/allowed-subnets.txt`.
+    Check(Args),
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run the daemon.
+    Run(Args),
+    /// `mmproxy check FLAGS`: validate and probe, change nothing.
+    Check(Args),
+}
+
+impl Invocation {
+    /// Parses the process's own argv, go-mmproxy spellings included; exits with
+    /// clap's message on a bad command line.
+    pub fn from_env() -> Self {
+        Self::from_cli(Cli::parse_from(normalize_go_flags(std::env::args_os())))
+    }
+
+    /// Parses the given argv (first element: program name).
+    pub fn try_from_iter<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        Cli::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+            .map(Self::from_cli)
+    }
+
+    fn from_cli(cli: Cli) -> Self {
+        match cli.command {
+            Some(Subcommand::Check(args)) => Self::Check(args),
+            None => Self::Run(cli.args),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Address the proxy listens on; repeatable; the port may be a range (20000-20999)
     #[arg(
@@ -162,22 +219,20 @@ pub struct Args {
 /// The clap definition of the command line, for the man page and the shell
 /// completions (`cargo xtask dist`).
 pub fn command() -> clap::Command {
-    <Args as clap::CommandFactory>::command()
+    <Cli as clap::CommandFactory>::command()
 }
 
 impl Args {
-    /// Parses the process's own argv, go-mmproxy spellings included.
-    pub fn from_env() -> Self {
-        Self::parse_from(normalize_go_flags(std::env::args_os()))
-    }
-
-    /// Parses the given argv (first element: program name), go-mmproxy spellings included.
+    /// Parses the given argv (first element: program name), go-mmproxy spellings
+    /// included; the flags of `check` too.
     pub fn try_from_iter<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString>,
     {
-        Self::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+        Invocation::try_from_iter(args).map(|i| match i {
+            Invocation::Run(a) | Invocation::Check(a) => a,
+        })
     }
 }
 
@@ -536,6 +591,31 @@ mod tests {
         assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
         assert!(version.contains("(commit "), "{version}");
         assert!(version.contains("BPF object"), "{version}");
+    }
+
+    #[test]
+    fn check_takes_the_daemons_flags_in_go_spellings_too() {
+        let inv = Invocation::try_from_iter([
+            "mmproxy",
+            "check",
+            "-l",
+            "0.0.0.0:25577",
+            "-allowed-subnets",
+            "a.txt",
+            "-mark=7",
+        ])
+        .unwrap();
+        let Invocation::Check(a) = inv else {
+            panic!("not check: {inv:?}")
+        };
+        assert_eq!(a.allowed_subnets, Some(PathBuf::from("a.txt")));
+        assert_eq!(a.mark, 7);
+        assert!(matches!(
+            Invocation::try_from_iter(["mmproxy", "-v", "1"]).unwrap(),
+            Invocation::Run(_)
+        ));
+        let help = command().render_long_help().to_string();
+        assert!(help.contains("check"), "{help}");
     }
 
     #[test]

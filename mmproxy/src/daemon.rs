@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,18 @@ use crate::tcp::{self, TcpContext};
 use crate::udp;
 
 pub async fn run(args: Args) -> Result<()> {
-    crate::loop_guard::check_config(&args)?;
+    // The same checks as `mmproxy check`, before anything is changed: the
+    // capabilities first (a low --metrics port needs one), then, with /readyz
+    // already answering "starting up", the flags and the allowed-subnets file.
+    let (_, capabilities) = crate::caps::assess_self(&args);
+    if let Some(missing) = capabilities.fatal.into_iter().next() {
+        return Err(missing.into());
+    }
+    if let Some(missing) = &capabilities.kernel_off {
+        warn!("kernel side unavailable, running userspace-only: {missing}");
+    }
+    let kernel_possible = capabilities.kernel_off.is_none();
+
     let stats = Arc::new(Stats::default());
     let signals = Signals::install()?;
     // A running mmproxy with the same listen set hands its sockets over (an
@@ -38,12 +49,13 @@ pub async fn run(args: Args) -> Result<()> {
         .and_then(|t| t.metrics.take())
         .map(std::net::TcpListener::from);
     let mut monitoring = Monitoring::start_with(&args, stats.clone(), inherited_metrics).await?;
+    let validated = crate::preflight::validate(&args)?;
 
-    let (allowed, warnings) = SharedAllowList::from_file(args.allowed_subnets.as_deref())?;
-    for w in warnings {
+    for w in validated.warnings {
         warn!("{w}");
     }
-    let allowed = Arc::new(allowed);
+    let allowed = Arc::new(validated.allowed);
+    let rules = validated.rules.filter(|_| kernel_possible);
 
     // Listening sockets first: a port in use is the commonest start-up error and
     // should be reported before anything is installed in the kernel.
@@ -53,8 +65,8 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let offered = bound.duplicates();
     let kernel = match &bound {
-        Bound::Tcp(groups) => start_kernel_side(&args, &allowed, groups).await?,
-        Bound::Udp(groups) => start_kernel_side(&args, &allowed, groups).await?,
+        Bound::Tcp(groups) => start_kernel_side(&args, &allowed, rules.as_deref(), groups).await?,
+        Bound::Udp(groups) => start_kernel_side(&args, &allowed, rules.as_deref(), groups).await?,
     };
     monitoring.kernel(kernel.as_ref());
     let follower = crate::netwatch::start(&args, kernel.as_ref(), &stats).await;
@@ -346,24 +358,15 @@ fn lock(kernel: &Kernel) -> std::sync::MutexGuard<'_, KernelSide> {
 async fn start_kernel_side<S: std::os::fd::AsRawFd>(
     args: &Args,
     allowed: &SharedAllowList,
+    rules: Option<&[mmproxy_common::ListenRule]>,
     sockets: &[Vec<S>],
 ) -> Result<Option<Kernel>> {
-    let needs_kernel = args.listen.iter().any(|l| l.is_range());
-    if args.ebpf == EbpfMode::Off {
-        if needs_kernel {
-            bail!("port ranges in -l need the kernel side, but --ebpf off was given");
-        }
-        if !args.return_interfaces.is_empty() {
-            bail!("--return-interface needs the kernel side, but --ebpf off was given");
-        }
+    // `None`: --ebpf off, or auto without the capabilities (said above). What
+    // needs the kernel side was refused by then (crate::preflight, crate::caps).
+    let Some(rules) = rules else {
         return Ok(None);
-    }
-    if args.mark != 0 && args.mark == args.return_mark {
-        bail!(
-            "--mark and --return-mark are both {:#x}: upstream packets would be routed back to this host",
-            args.mark
-        );
-    }
+    };
+    let needs_kernel = crate::preflight::needs_kernel(args);
     let policy = crate::netwatch::policy(args);
     let return_path = policy
         .choose(None, ebpf::ifaces::Stage::StartUp)
@@ -372,11 +375,10 @@ async fn start_kernel_side<S: std::os::fd::AsRawFd>(
     for note in &return_path.notes {
         warn!("return path: {note}");
     }
-    let rules = ebpf::listen_rules(&args.listen, args.protocol)?;
     let current = allowed.current();
     let (v4, v6) = split_nets(current.as_deref());
     let opts = KernelOptions {
-        rules: &rules,
+        rules,
         allowed: current.as_ref().map(|_| (&v4[..], &v6[..])),
         verbose: args.verbose,
         return_path: &return_path,

@@ -9,6 +9,8 @@
 //! [`ebpf`] the tc programs) that bring the service's answers back to that socket.
 pub mod addr;
 pub mod allowed_subnets;
+pub mod caps;
+pub mod check;
 pub mod cli;
 pub mod daemon;
 pub mod ebpf;
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod netns_lease;
 pub mod netwatch;
 pub mod notify;
+pub mod preflight;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod sockopt;

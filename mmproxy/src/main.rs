@@ -1,10 +1,13 @@
-//! The `mmproxy` binary: parse flags, start logging, run the daemon.
+//! The `mmproxy` binary: parse flags, start logging, run the daemon (or `check`).
 use std::process::ExitCode;
 
-use mmproxy::cli::Args;
+use mmproxy::cli::{Args, Invocation};
 
 fn main() -> ExitCode {
-    let args = Args::from_env();
+    let (args, check) = match Invocation::from_env() {
+        Invocation::Run(args) => (args, false),
+        Invocation::Check(args) => (args, true),
+    };
     if let Err(e) = mmproxy::logging::init(args.log_format, args.verbose) {
         eprintln!("mmproxy: cannot start logging: {e:#}");
         return ExitCode::FAILURE;
@@ -22,6 +25,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if check {
+        return match runtime.block_on(mmproxy::check::run(&args)) {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
+        };
+    }
+    run(&runtime, args)
+}
+
+fn run(runtime: &tokio::runtime::Runtime, args: Args) -> ExitCode {
     match runtime.block_on(mmproxy::daemon::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

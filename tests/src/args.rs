@@ -3,6 +3,8 @@
 use std::fmt::Display;
 use std::path::Path;
 
+use crate::unprivileged::Privileges;
+
 /// The daemon's variable that makes its BPF loading fail (mmproxy::ebpf::FAIL_ENV).
 pub const FAIL_BPF_ENV: &str = "MMPROXY_TEST_FAIL_BPF";
 
@@ -49,6 +51,8 @@ pub struct DaemonArgs {
     args: Vec<String>,
     ebpf: Option<Ebpf>,
     pub(crate) mode: Mode,
+    /// Who the daemon runs as ([`crate::unprivileged`]).
+    pub(crate) privileges: Privileges,
 }
 
 impl DaemonArgs {
@@ -58,6 +62,7 @@ impl DaemonArgs {
             args: Vec::new(),
             ebpf: None,
             mode: Mode::AsGiven,
+            privileges: Privileges::Default,
         }
     }
 
@@ -153,9 +158,21 @@ impl DaemonArgs {
         self
     }
 
+    /// Run as root, or as the unprivileged test user with chosen capabilities
+    /// (by default: as `MMPROXY_TEST_UNPRIVILEGED` says).
+    pub fn privileges(mut self, privileges: Privileges) -> Self {
+        self.privileges = privileges;
+        self
+    }
+
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
+    }
+
+    /// Any flag as written (a go-mmproxy spelling such as `-allowed-subnets`).
+    pub fn flag_raw(self, name: &str, value: impl Display) -> Self {
+        self.flag(name, value)
     }
 
     fn flag(mut self, name: &str, value: impl Display) -> Self {

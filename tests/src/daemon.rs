@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::args::{DaemonArgs, Mode, FAIL_BPF_ENV};
 use crate::netns::Netns;
+use crate::unprivileged::{self, Unprivileged};
 
 /// An allowed-subnets file for `--allowed-subnets`, removed with its directory when
 /// dropped.
@@ -68,6 +69,9 @@ pub struct Daemon {
     child: std::process::Child,
     log: Arc<(Mutex<Log>, Condvar)>,
     exited: Option<ExitStatus>,
+    /// Started as the unprivileged test user: its notify socket and runtime
+    /// directory.
+    unprivileged: Option<Unprivileged>,
 }
 
 impl Daemon {
@@ -77,7 +81,8 @@ impl Daemon {
     }
 
     /// Starts mmproxy through `sh -c '<before> && exec mmproxy <args>'` (a `ulimit`,
-    /// a `cd`) and waits for its ready line. The mode applies as in [`Daemon::start`].
+    /// a `cd`) and waits for its ready line. The mode applies as in [`Daemon::start`];
+    /// it always runs as root.
     pub fn start_shell(ns: &Netns, before: &str, args: &DaemonArgs) -> Result<Self> {
         let script = format!("{before} && exec {}", args.shell_line(&binary()));
         Self::spawn_program(ns, "sh", &["-c".to_owned(), script], &args.env())?
@@ -90,18 +95,43 @@ impl Daemon {
         Self::spawn_program(ns, program, args, &[])?.until_ready(Mode::AsGiven)
     }
 
-    /// Starts mmproxy without waiting (for start-up failure tests).
+    /// Starts mmproxy without waiting (for start-up failure tests), as root or as
+    /// the unprivileged test user ([`DaemonArgs::privileges`]).
     pub fn spawn(ns: &Netns, args: &DaemonArgs) -> Result<Self> {
-        Self::spawn_program(ns, &binary().to_string_lossy(), &args.to_vec(), &args.env())
+        let Some(caps) = args.privileges.resolve()? else {
+            return Self::spawn_program(
+                ns,
+                &binary().to_string_lossy(),
+                &args.to_vec(),
+                &args.env(),
+            );
+        };
+        let (mut cmd, launch) = unprivileged::command(ns, &binary(), &args.to_vec(), &caps)?;
+        cmd.envs(args.env());
+        let mut daemon = Self::spawn_command(cmd, "mmproxy as the test user")?;
+        daemon.unprivileged = Some(launch);
+        Ok(daemon)
+    }
+
+    /// The notify socket and runtime directory of a daemon started unprivileged.
+    pub fn unprivileged(&mut self) -> Option<&mut Unprivileged> {
+        self.unprivileged.as_mut()
     }
 
     /// Waits for the ready line. Under [`Mode::EbpfOff`] and [`Mode::BpfFails`] the
     /// kernel side must be off, and under [`Mode::BpfFails`] the daemon must have
     /// taken the fallback, or the test would silently exercise the kernel side instead.
-    fn until_ready(self, mode: Mode) -> Result<Self> {
+    fn until_ready(mut self, mode: Mode) -> Result<Self> {
         let ready = self
             .wait_for(READY, START_TIMEOUT)
             .with_context(|| format!("mmproxy did not become ready; log:\n{}", self.log_text()))?;
+        let pid = self.pid();
+        if let Some(launch) = &mut self.unprivileged {
+            // As the unit would see it: READY=1 on its socket, from a daemon that
+            // holds exactly what the test granted.
+            launch.notify.wait_for("READY=1", START_TIMEOUT)?;
+            unprivileged::verify(pid, launch)?;
+        }
         if mode != Mode::AsGiven && !ready.contains("ebpf=false") {
             bail!("the kernel side is in use under {mode:?}: {ready}");
         }
@@ -126,6 +156,10 @@ impl Daemon {
         let mut cmd = ns.command(program);
         cmd.args(args);
         cmd.envs(env.iter().copied());
+        Self::spawn_command(cmd, program)
+    }
+
+    fn spawn_command(mut cmd: std::process::Command, program: &str) -> Result<Self> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -150,6 +184,7 @@ impl Daemon {
             child,
             log,
             exited: None,
+            unprivileged: None,
         })
     }
 
@@ -316,4 +351,35 @@ pub fn counter(line: &str, name: &str) -> u64 {
         .find(|(k, _)| *k == name)
         .and_then(|(_, v)| v.trim_matches('"').parse().ok())
         .unwrap_or(0)
+}
+
+/// `mmproxy check` with `args` (their mode and privileges applied as for the
+/// daemon), run to completion: its exit status and stdout and stderr together.
+pub fn check(ns: &Netns, args: &DaemonArgs) -> Result<(ExitStatus, String)> {
+    let argv: Vec<String> = std::iter::once("check".to_owned())
+        .chain(args.to_vec())
+        .collect();
+    // The launch (runtime directory, notify socket) must outlive the run.
+    let (mut cmd, _launch) = match args.privileges.resolve()? {
+        None => {
+            let mut cmd = ns.command(&binary().to_string_lossy());
+            cmd.args(&argv);
+            (cmd, None)
+        }
+        Some(caps) => {
+            let (cmd, launch) = unprivileged::command(ns, &binary(), &argv, &caps)?;
+            (cmd, Some(launch))
+        }
+    };
+    let out = cmd
+        .envs(args.env())
+        .stdin(Stdio::null())
+        .output()
+        .context("running mmproxy check")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status, text))
 }

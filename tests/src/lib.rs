@@ -12,6 +12,7 @@ pub mod netns;
 pub mod tcx;
 pub mod topology;
 pub mod udp_upstream;
+pub mod unprivileged;
 pub mod upstream;
 
 use std::time::Duration;

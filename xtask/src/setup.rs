@@ -37,6 +37,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "iptables",
         "the go-mmproxy fork's TPROXY recipe for -listen-transparent, in a test namespace",
     ),
+
+        "util-linux",
+        "setpriv and unshare start the daemon as the unit's unprivileged user",
+    ),
+    ("passwd", "useradd creates that user (mmpt-daemon)"),
 ];
 
 /// Cargo subcommands: (crate, version, why). Versions are pinned so a fresh

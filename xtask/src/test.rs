@@ -6,6 +6,23 @@ use anyhow::Result;
 use crate::compile::{self, host_env};
 use crate::util::{build_path, cargo, output, run, step, succeeds};
 
+/// The end-to-end tests run a second time with the daemon started as the systemd
+/// unit would start it (tests/src/unprivileged.rs): TCP v1/v2 over IPv4 and IPv6 in
+/// every mode, UDP, the kernel allowlist (with a reload), a port range (TCP and
+/// UDP), each return-path placement, and the clean-up of routing and accept_local.
+const UNPRIVILEGED_TESTS: &[&str] = &[
+    "haproxy_v1_and_v2_ipv4_and_ipv6_clients_seen_by_upstream",
+    "ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets",
+    "kernel_refuses_disallowed_proxy_before_accept",
+    "sighup_swaps_the_kernel_policy",
+    "udp_disallowed_proxy_is_dropped_by_the_kernel",
+    "port_range_of_1000_ports",
+    "udp_range_answers_leave_from_the_port",
+    "placement",
+    "attached_while_running_and_nothing_left",
+    "two_instances_share_the_return_path",
+];
+
 /// Prefix of every network namespace the end-to-end tests create (tests/src/netns.rs).
 const NETNS_PREFIX: &str = "mmpt-";
 
@@ -89,6 +106,20 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
     result?;
     step("the end-to-end tests left /run/mmproxy as they found it");
     check_no_lease_left(&leases_before)?;
+
+    if filter.is_none() {
+        step("end-to-end tests again, the daemon as an unprivileged user with the unit's capabilities");
+        let mut unprivileged = cargo();
+        unprivileged
+            .args(["test", "--release", "-p", "mmproxy-tests", "--"])
+            .args(["--test-threads", "2"])
+            .args(UNPRIVILEGED_TESTS)
+            .env("MMPROXY_BIN", compile::daemon_binary())
+            .env("MMPROXY_TEST_UNPRIVILEGED", "1");
+        let result = run(host_env(&mut unprivileged));
+        remove_stale_namespaces();
+        result?;
+    }
 
     if filter.is_none() {
         // Only that the harness works end to end; no timing is judged.

@@ -662,7 +662,7 @@ impl Monitoring {
 
 /// A `--metrics` port inside a TCP `-l` range would be steered to the proxy by
 /// sk_lookup (a single port in use fails at bind instead).
-fn check_listen_ranges(args: &Args, addr: SocketAddr) -> Result<(), MetricsError> {
+pub(crate) fn check_listen_ranges(args: &Args, addr: SocketAddr) -> Result<(), MetricsError> {
     if args.protocol != Protocol::Tcp {
         return Ok(());
     }

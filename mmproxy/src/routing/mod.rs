@@ -49,6 +49,7 @@
 mod install;
 mod netlink;
 mod plan;
+mod preview;
 #[cfg(test)]
 mod tests;
 
@@ -57,6 +58,7 @@ use std::io;
 pub use crate::netns_lease::DEFAULT_LOCK_DIR;
 pub use install::{install, install_with_lock_dir, InstalledRoutes, RemoveReport};
 pub use plan::RoutingPlan;
+pub use preview::{preview, Preview};
 
 /// Routing protocol number (`/etc/iproute2/rt_protos`) on every rule and route
 /// mmproxy adds; not one of the numbers assigned to routing daemons.
