@@ -214,12 +214,11 @@ fn kernel_side(args: &Args, assessment: &caps::Assessment, wanted: bool, r: &mut
 
 /// The tc interfaces and the sysctl; whether answers would be steered by tc.
 async fn return_path(args: &Args, r: &mut Report) -> bool {
-    let chosen = ebpf::ifaces::choose(
-        &[args.target4.addr, args.target6.addr],
-        args.protocol == Protocol::Udp,
-        &args.return_interfaces,
-    )
-    .await;
+    // The same choice start-up makes (and the running daemon repeats as the host
+    // changes).
+    let chosen = crate::netwatch::policy(args)
+        .choose(None, ebpf::ifaces::Stage::StartUp)
+        .await;
     let ifaces = match chosen {
         Ok(i) => i,
         Err(e) => {

@@ -37,7 +37,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "iptables",
         "the go-mmproxy fork's TPROXY recipe for -listen-transparent, in a test namespace",
     ),
-
+    (
         "util-linux",
         "setpriv and unshare start the daemon as the unit's unprivileged user",
     ),

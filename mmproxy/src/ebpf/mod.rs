@@ -10,7 +10,6 @@
 pub mod flow_map;
 pub mod ifaces;
 mod loader;
-
 mod probe;
 mod rules;
 mod subnets;
@@ -31,8 +30,6 @@ use tokio::io::unix::AsyncFd;
 use flow_map::KernelFlows;
 pub use flow_map::{FlowMapError, FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 pub use ifaces::{ReturnInterfaces, ReturnPolicy};
-
-pub use ifaces::ReturnInterfaces;
 pub use probe::{has_tcx, object_embedded, probe};
 pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};
