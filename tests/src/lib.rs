@@ -8,6 +8,7 @@ pub mod client;
 pub mod daemon;
 pub mod haproxy;
 pub mod netns;
+pub mod soak;
 pub mod topology;
 pub mod udp_upstream;
 pub mod upstream;

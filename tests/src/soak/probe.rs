@@ -1,0 +1,124 @@
+//! What the soak reads from a daemon: its Prometheus metrics (`--metrics`), its
+//! resident memory and its open descriptors.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench::sys;
+use crate::daemon::Daemon;
+use crate::netns::Netns;
+
+/// One scrape: each series (`name{labels}`) and its value.
+#[derive(Clone, Debug, Default)]
+pub struct Scrape(BTreeMap<String, f64>);
+
+impl Scrape {
+    pub fn parse(text: &str) -> Self {
+        let mut m = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((series, value)) = line.rsplit_once(' ') {
+                if let Ok(v) = value.parse::<f64>() {
+                    m.insert(series.to_owned(), v);
+                }
+            }
+        }
+        Self(m)
+    }
+
+    /// `mmproxy_<name>` (counters: `_total` included in `name`), 0 when absent.
+    pub fn get(&self, name: &str) -> u64 {
+        self.0
+            .get(&format!("mmproxy_{name}"))
+            .copied()
+            .unwrap_or(0.0) as u64
+    }
+
+    /// `mmproxy_<name>{<label>="<value>"}`, 0 when absent.
+    pub fn label(&self, name: &str, label: &str, value: &str) -> u64 {
+        self.0
+            .get(&format!("mmproxy_{name}{{{label}=\"{value}\"}}"))
+            .copied()
+            .unwrap_or(0.0) as u64
+    }
+
+    /// Every `label` value of `mmproxy_<name>` with its count.
+    pub fn family(&self, name: &str, label: &str) -> BTreeMap<String, u64> {
+        let prefix = format!("mmproxy_{name}{{{label}=\"");
+        self.0
+            .iter()
+            .filter_map(|(k, v)| {
+                let value = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                Some((value.to_owned(), *v as u64))
+            })
+            .collect()
+    }
+
+    pub fn sum(&self, name: &str, label: &str) -> u64 {
+        self.family(name, label).values().sum()
+    }
+}
+
+/// GET /metrics from inside `ns`.
+pub fn scrape(ns: &Netns, addr: &str) -> Result<Scrape> {
+    let addr = addr.to_owned();
+    let text = ns.enter(move || -> Result<String> {
+        let mut s = TcpStream::connect(&addr).with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })??;
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!(
+            "/metrics answered {:?}",
+            text.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(Scrape::parse(&text))
+}
+
+/// A daemon's process at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Process {
+    pub alive: bool,
+    pub rss_kib: u64,
+    pub fds: usize,
+}
+
+pub fn process(d: &Daemon) -> Process {
+    let pid = d.pid();
+    let alive = std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ");
+    Process {
+        alive,
+        rss_kib: sys::status_kib(pid, "VmRSS:").unwrap_or(0),
+        fds: sys::open_fds(pid),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scrape;
+
+    #[test]
+    fn series_are_read_by_name_and_label() {
+        let s = Scrape::parse(
+            "# HELP x\nmmproxy_tcp_connections_accepted_total 12\n\
+             mmproxy_tcp_connections_rejected_total{reason=\"too_long\"} 3\n\
+             mmproxy_tcp_connections_rejected_total{reason=\"header_eof\"} 4\n",
+        );
+        assert_eq!(s.get("tcp_connections_accepted_total"), 12);
+        assert_eq!(
+            s.label("tcp_connections_rejected_total", "reason", "too_long"),
+            3
+        );
+        assert_eq!(s.sum("tcp_connections_rejected_total", "reason"), 7);
+        assert_eq!(s.get("absent"), 0);
+    }
+}
