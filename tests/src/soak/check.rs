@@ -134,7 +134,7 @@ pub fn checks(run: &Run) -> Vec<Check> {
     c.push(eq(
         "tcp: rejected for any other reason",
         0,
-        t.sum(REJECTED, "reason") - named,
+        t.sum(REJECTED, "reason").saturating_sub(named),
     ));
     c.push(eq(
         "tcp: upstream connect failures",
@@ -189,7 +189,7 @@ pub fn checks(run: &Run) -> Vec<Check> {
     c.push(eq(
         "udp: dropped for any other reason",
         0,
-        u.sum(DROPPED, "reason") - named,
+        u.sum(DROPPED, "reason").saturating_sub(named),
     ));
     let relayed = u.get("udp_answers_relayed_total");
     c.push(Check {
@@ -221,10 +221,21 @@ pub fn checks(run: &Run) -> Vec<Check> {
             run.end.map(|s| proc_of(&s)),
         );
         c.push(Check {
-            name: format!("{name} daemon: open descriptors when quiet, end = after the warm-up"),
-            expected: b.map_or("a quiet baseline".into(), |b| b.fds.to_string()),
-            observed: e.map_or("no quiet end".into(), |e| e.fds.to_string()),
-            ok: matches!((b, e), (Some(b), Some(e)) if b.fds == e.fds),
+            name: format!(
+                "{name} daemon: descriptors other than pipes when quiet, end = after the warm-up"
+            ),
+            expected: b.map_or("a quiet baseline".into(), |b| b.other_fds().to_string()),
+            observed: e.map_or("no quiet end".into(), |e| e.other_fds().to_string()),
+            ok: matches!((b, e), (Some(b), Some(e)) if b.other_fds() == e.other_fds()),
+        });
+        c.push(Check {
+            name: format!(
+                "{name} daemon: pipe descriptors when quiet ≤ the relay's pools (2 × {} × threads)",
+                super::probe::RELAY_POOL_MAX
+            ),
+            expected: e.map_or("a quiet end".into(), |e| format!("≤ {}", e.pipe_bound())),
+            observed: e.map_or("no quiet end".into(), |e| e.pipe_fds.to_string()),
+            ok: e.is_some_and(|e| e.pipe_fds <= e.pipe_bound()),
         });
     }
     c
@@ -247,8 +258,9 @@ pub fn markdown(run: &Run, checks: &[Check]) -> String {
     let _ = writeln!(s, "- Command: `{}`", run.opts.command);
     let _ = writeln!(
         s,
-        "- Daemons: `mmproxy -p tcp` and `mmproxy -p udp`, `--ebpf {}`",
-        run.opts.ebpf
+        "- Daemons: `mmproxy -p tcp` and `mmproxy -p udp`, `--ebpf {}` ({})",
+        run.opts.ebpf,
+        super::version(&run.opts.mmproxy).replace('\n', "; ")
     );
     let _ = writeln!(
         s,
@@ -282,7 +294,11 @@ pub fn markdown(run: &Run, checks: &[Check]) -> String {
         let p = |s: &Sample| if pick == 0 { s.tcp } else { s.udp };
         let peak = run.samples.iter().map(|x| p(x).rss_kib).max().unwrap_or(0);
         let kib = |x: Option<Sample>| x.map_or("-".into(), |x| format!("{} KiB", p(&x).rss_kib));
-        let fds = |x: Option<Sample>| x.map_or("-".into(), |x| p(&x).fds.to_string());
+        let fds = |x: Option<Sample>| {
+            x.map_or("-".into(), |x| {
+                format!("{} ({} pipe ends)", p(&x).fds, p(&x).pipe_fds)
+            })
+        };
         let _ = writeln!(
             s,
             "| mmproxy -p {name} | {} | {} | {peak} KiB | {} | {} |",
@@ -317,4 +333,157 @@ pub fn csv(run: &Run) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bench::sys::Machine;
+    use crate::soak::probe::Process;
+    use crate::soak::{Options, Run};
+
+    const TCP: &str = "mmproxy_tcp_connections_accepted_total 13\n\
+        mmproxy_tcp_connections_proxied_total 10\n\
+        mmproxy_tcp_connections_rejected_total{reason=\"not_proxy_protocol\"} 2\n\
+        mmproxy_tcp_connections_rejected_total{reason=\"header_eof\"} 1\n\
+        mmproxy_kernel_refused_total{family=\"ipv4\"} 1\n\
+        mmproxy_tcp_relayed_bytes_total{direction=\"to_upstream\"} 100\n\
+        mmproxy_tcp_relayed_bytes_total{direction=\"to_proxy\"} 100\n";
+    const UDP: &str = "mmproxy_udp_datagrams_received_total 6\n\
+        mmproxy_udp_datagrams_sent_total 5\n\
+        mmproxy_udp_datagrams_dropped_total{reason=\"invalid_header\"} 1\n\
+        mmproxy_udp_answers_relayed_total 5\n";
+
+    fn run(tcp: &str, udp: &str) -> Run {
+        let tally: BTreeMap<String, u64> = [
+            ("tcp_good_short", 10),
+            ("tcp_good_bytes_up", 100),
+            ("tcp_good_bytes_down", 100),
+            ("tcp_hostile_garbage", 2),
+            ("tcp_hostile_truncated", 1),
+            ("tcp_hostile_disallowed", 1),
+            ("udp_good_sent", 5),
+            ("udp_good_replies", 5),
+            ("udp_hostile_garbage", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let p = |rss_kib, fds| Process {
+            alive: true,
+            rss_kib,
+            fds,
+            pipe_fds: 0,
+            threads: 3,
+        };
+        let sample = |secs, rss| Sample {
+            secs,
+            tcp: p(rss, 30),
+            udp: p(rss, 20),
+            tcp_open: 0,
+            udp_flows: 0,
+        };
+        Run {
+            opts: Options {
+                duration: Duration::from_secs(60),
+                mmproxy: "mmproxy".into(),
+                ebpf: "auto".into(),
+                command: "test".into(),
+            },
+            machine: Machine::probe(),
+            tally,
+            failures: Vec::new(),
+            samples: vec![sample(0.0, 9000), sample(40.0, 9100)],
+            warm_up_samples: 1,
+            baseline: Some(sample(30.0, 9000)),
+            end: Some(sample(60.0, 9000)),
+            tcp: Scrape::parse(tcp),
+            udp: Scrape::parse(udp),
+            incidents: Vec::new(),
+            log_alerts: Vec::new(),
+            wall: Duration::from_secs(61),
+        }
+    }
+
+    fn failed(run: &Run) -> Vec<String> {
+        checks(run)
+            .into_iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    #[test]
+    fn consistent_counters_pass() {
+        assert_eq!(failed(&run(TCP, UDP)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_rejection_under_the_wrong_reason_fails() {
+        let tcp = TCP.replace(
+            "{reason=\"not_proxy_protocol\"} 2",
+            "{reason=\"not_proxy_protocol\"} 1\nmmproxy_tcp_connections_rejected_total{reason=\"too_long\"} 1",
+        );
+        assert_eq!(
+            failed(&run(&tcp, UDP)),
+            ["tcp: rejected not_proxy_protocol", "tcp: rejected too_long"]
+        );
+    }
+
+    #[test]
+    fn hostile_bytes_reaching_the_upstream_fail() {
+        let tcp = TCP.replace(
+            "{direction=\"to_upstream\"} 100",
+            "{direction=\"to_upstream\"} 115",
+        );
+        assert_eq!(
+            failed(&run(&tcp, UDP)),
+            ["tcp: bytes relayed to the upstream = good bytes sent"]
+        );
+    }
+
+    #[test]
+    fn growth_and_leaks_after_the_warm_up_fail() {
+        let mut r = run(TCP, UDP);
+        r.samples[1].tcp.rss_kib = 9000 + RSS_SLACK_KIB + 1;
+        if let Some(end) = r.end.as_mut() {
+            end.udp.fds += 1;
+        }
+        let f = failed(&r);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f[0].starts_with("tcp daemon: RSS"), "{f:?}");
+        assert!(
+            f[1].starts_with("udp daemon: descriptors other than pipes"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn pooled_pipes_pass_up_to_their_bound_and_fail_beyond() {
+        let mut r = run(TCP, UDP);
+        if let Some(end) = r.end.as_mut() {
+            end.tcp.fds += 2 * 16 * 3;
+            end.tcp.pipe_fds = 2 * 16 * 3;
+        }
+        assert_eq!(failed(&r), Vec::<String>::new());
+        if let Some(end) = r.end.as_mut() {
+            end.tcp.fds += 2;
+            end.tcp.pipe_fds += 2;
+        }
+        let f = failed(&r);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].starts_with("tcp daemon: pipe descriptors"), "{f:?}");
+    }
+
+    #[test]
+    fn a_dead_daemon_or_an_unaccounted_connection_fails() {
+        let mut r = run(&TCP.replace("accepted_total 13", "accepted_total 14"), UDP);
+        r.samples[1].udp.alive = false;
+        let f = failed(&r);
+        assert!(f[0].starts_with("daemons alive"), "{f:?}");
+        assert!(f.iter().any(|n| n.starts_with("tcp: accepted =")), "{f:?}");
+    }
 }

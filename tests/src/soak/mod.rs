@@ -50,6 +50,15 @@ pub struct Options {
     pub command: String,
 }
 
+/// `mmproxy --version` of the binary soaked, for the record.
+pub fn version(bin: &std::path::Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
 impl Options {
     /// A tenth of the run, at least 30 s: it holds a flood and every kind of load.
     pub fn warm_up(&self) -> Duration {

@@ -87,6 +87,27 @@ pub struct Process {
     pub alive: bool,
     pub rss_kib: u64,
     pub fds: usize,
+    /// Of `fds`, the pipe ends: the TCP relay keeps up to `POOL_MAX` empty pipes per
+    /// thread for reuse (mmproxy/src/tcp/relay.rs), so their number may rise with
+    /// the load's concurrency up to that bound without being a leak.
+    pub pipe_fds: usize,
+    pub threads: u64,
+}
+
+/// Per-thread pool bound of the daemon's relay (`POOL_MAX` in
+/// mmproxy/src/tcp/relay.rs), in pipes.
+pub const RELAY_POOL_MAX: usize = 16;
+
+impl Process {
+    /// Descriptors other than pipe ends.
+    pub fn other_fds(&self) -> usize {
+        self.fds - self.pipe_fds.min(self.fds)
+    }
+
+    /// The most pipe descriptors the relay's pools may hold with no connection open.
+    pub fn pipe_bound(&self) -> usize {
+        2 * RELAY_POOL_MAX * self.threads as usize
+    }
 }
 
 pub fn process(d: &Daemon) -> Process {
@@ -95,10 +116,26 @@ pub fn process(d: &Daemon) -> Process {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap_or_default()
             .contains(") Z ");
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
     Process {
         alive,
         rss_kib: sys::status_kib(pid, "VmRSS:").unwrap_or(0),
-        fds: sys::open_fds(pid),
+        fds: links.len(),
+        pipe_fds: links.iter().filter(|l| l.starts_with("pipe:")).count(),
+        threads,
     }
 }
 
