@@ -404,6 +404,7 @@ mod tests {
             udp: Scrape::parse(udp),
             incidents: Vec::new(),
             log_alerts: Vec::new(),
+            quiet_fds: Default::default(),
             wall: Duration::from_secs(61),
         }
     }

@@ -94,6 +94,9 @@ pub struct Run {
     /// Problems seen while running (a daemon gone, a scrape failing, a counter that
     /// must stay 0 moving).
     pub incidents: Vec<String>,
+    /// Each daemon's descriptors (`probe::descriptors`) at the two quiet
+    /// measurements: (tcp, udp).
+    pub quiet_fds: [(Vec<String>, Vec<String>); 2],
     /// Each daemon's log lines that report a panic, an error or a warning.
     pub log_alerts: Vec<String>,
     pub wall: Duration,
@@ -129,6 +132,7 @@ pub fn run(opts: Options) -> Result<Run> {
         udp: Scrape::default(),
         incidents: Vec::new(),
         log_alerts: Vec::new(),
+        quiet_fds: Default::default(),
         wall: Duration::ZERO,
         opts: opts.clone(),
     };
@@ -324,6 +328,11 @@ fn quiet(run: &mut Run, sn: &SoakNet, d: &Daemons, start: Instant) -> Option<Sam
                 && u.get("udp_flows_open") == 0;
             if settled {
                 let p = (probe::process(&d.tcp), probe::process(&d.udp));
+                let slot = usize::from(run.baseline.is_some());
+                run.quiet_fds[slot] = (
+                    probe::descriptors(d.tcp.pid()),
+                    probe::descriptors(d.udp.pid()),
+                );
                 return Some(Sample {
                     secs: start.elapsed().as_secs_f64(),
                     tcp: p.0,
