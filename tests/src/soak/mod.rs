@@ -326,7 +326,18 @@ fn quiet(run: &mut Run, sn: &SoakNet, d: &Daemons, start: Instant) -> Option<Sam
                 && t.get("tcp_pipes_in_use") == 0
                 && t.get("tcp_connections_accepted_total") == check::tcp_resolved(t)
                 && u.get("udp_flows_open") == 0;
-            if settled {
+            // A flow's gauge drops before its task has closed the socket: the
+            // descriptor lists must also stand still for a second. A leak stands
+            // still too, so this hides nothing but the closing in progress.
+            let lists = || {
+                (
+                    probe::descriptors(d.tcp.pid()),
+                    probe::descriptors(d.udp.pid()),
+                )
+            };
+            let before = lists();
+            thread::sleep(Duration::from_secs(1));
+            if settled && lists() == before {
                 let p = (probe::process(&d.tcp), probe::process(&d.udp));
                 let slot = usize::from(run.baseline.is_some());
                 run.quiet_fds[slot] = (
