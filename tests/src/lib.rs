@@ -10,6 +10,8 @@ pub mod faults;
 pub mod haproxy;
 pub mod netns;
 pub mod tcx;
+
+pub mod soak;
 pub mod topology;
 pub mod udp_upstream;
 pub mod unprivileged;

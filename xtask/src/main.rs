@@ -7,6 +7,7 @@ mod compile;
 mod dist;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -54,6 +55,17 @@ enum Command {
         #[arg(last = true)]
         extra: Vec<String>,
     },
+    /// Soak mmproxy under a steady mixed load with hostile traffic interleaved,
+    /// checking bytes, counters, memory and descriptors (needs root; see
+    /// RELIABILITY.md); writes target/soak/summary.md
+    Soak {
+        /// Minutes of load, warm-up included
+        #[arg(long, default_value_t = 2.0)]
+        minutes: f64,
+        /// Passed to the runner: --ebpf off, --out DIR
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
     /// Run the fuzz targets (all, or those named), each for --seconds
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -98,6 +110,7 @@ fn main() -> Result<()> {
             peers,
             extra,
         }),
+        Command::Soak { minutes, extra } => soak::run_full(&soak::Args { minutes, extra }),
         Command::Fuzz { seconds, targets } => fuzz::run_for(seconds, &targets),
     }
 }

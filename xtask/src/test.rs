@@ -129,6 +129,14 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
             peers: Vec::new(),
             extra: Vec::new(),
         })?;
+
+        // Bytes, counters, memory and descriptors under mixed good and hostile load
+        // (RELIABILITY.md); fails on any check.
+        step("soak, 2 minutes (cargo xtask soak --minutes 2)");
+        crate::soak::runner(&crate::soak::Args {
+            minutes: 2.0,
+            extra: Vec::new(),
+        })?;
     }
 
     if !no_fuzz {
