@@ -25,6 +25,10 @@ use crate::stats::Stats;
 use crate::tcp::{self, TcpContext};
 use crate::udp;
 
+/// How long shutdown waits for the accept loops to drop their listening sockets (they
+/// end at their next poll; this only bounds a stuck one).
+const ACCEPT_LOOPS_END: Duration = Duration::from_secs(2);
+
 pub async fn run(args: Args) -> Result<()> {
     // The same checks as `mmproxy check`, before anything is changed: the
     // capabilities first (a low --metrics port needs one), then, with /readyz
@@ -103,6 +107,9 @@ pub async fn run(args: Args) -> Result<()> {
     // end of the grace period).
     let drain = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // The TCP accept loops alone: they own the listening sockets, so once they have
+    // ended nothing more can be accepted here.
+    let accepting = TaskTracker::new();
     let serving = Serving {
         args: &args,
         stats: &stats,
@@ -110,6 +117,7 @@ pub async fn run(args: Args) -> Result<()> {
         shutdown: &shutdown,
         drain: &drain,
         tracker: &tracker,
+        accepting: &accepting,
     };
     let listening = match bound {
         Bound::Tcp(groups) => serving.tcp(groups, tcp_flows)?,
@@ -145,6 +153,16 @@ pub async fn run(args: Args) -> Result<()> {
     // Withdrawn first: its duplicates would keep the listening sockets open.
     drop(offer);
 
+    shutdown.cancel();
+    accepting.close();
+    // Announced only once true: a connection made after the "stopping" line is
+    // refused, not accepted and then dropped.
+    if tokio::time::timeout(ACCEPT_LOOPS_END, accepting.wait())
+        .await
+        .is_err()
+    {
+        warn!("the accept loops had not ended {ACCEPT_LOOPS_END:?} after shutdown");
+    }
     match &successor {
         Some(s) => {
             monitoring.hand_over_endpoint();
@@ -168,7 +186,6 @@ pub async fn run(args: Args) -> Result<()> {
             drain.cancel();
         }
     }
-    shutdown.cancel();
     if let Some(s) = successor {
         s.release();
     }
@@ -279,6 +296,7 @@ struct Serving<'a> {
     shutdown: &'a CancellationToken,
     drain: &'a CancellationToken,
     tracker: &'a TaskTracker,
+    accepting: &'a TaskTracker,
 }
 
 impl Serving<'_> {
@@ -297,7 +315,7 @@ impl Serving<'_> {
                 tokio::net::TcpListener::from_std(socket).context("registering listener")?;
             listening.push(shown(socket.local_addr()));
             let allowed = self.allowed.clone();
-            self.tracker.spawn(tcp::serve_tcp(
+            self.accepting.spawn(tcp::serve_tcp(
                 socket,
                 ctx.clone(),
                 move |ip| allowed.allows(ip),
