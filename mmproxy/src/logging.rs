@@ -31,7 +31,7 @@
 //! `--log-format json` writes one object per line shaped like go-mmproxy's
 //! (zap's production encoder), so pipelines written for it keep working:
 //! `{"level":"info","ts":1700000000.123456,"logger":"mmproxy::daemon",
-//! "caller":"mmproxy/src/daemon.rs:42","msg":"listening","addr":"0.0.0.0:8443"}`.
+//! "caller":"mmproxy/src/daemon/mod.rs:42","msg":"listening","addr":"0.0.0.0:8443"}`.
 //! `level` is lower case, `ts` is seconds since the epoch, `msg` is the
 //! message; the event's fields and those of its enclosing spans (outermost
 //! first) follow as top-level keys. Numbers and booleans stay JSON numbers and

@@ -9,21 +9,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::allowed_subnets::{AllowList, SharedAllowList};
-use crate::cli::{Args, EbpfMode, Protocol};
-use crate::ebpf::{self, FlowRegistry, KernelOptions, KernelSide};
-use crate::handoff::{self, ListenSet, Offer, Successor};
+use crate::allowed_subnets::SharedAllowList;
+use crate::cli::{Args, Protocol};
+use crate::ebpf::FlowRegistry;
+use crate::handoff::{self, ListenSet};
 use crate::metrics::Monitoring;
 use crate::routing::{self, RoutingPlan};
 use crate::stats::Stats;
 use crate::tcp::{self, TcpContext};
 use crate::udp;
+
+mod kernel;
+mod signals;
+
+use kernel::{lock, start_kernel_side};
+use signals::{signal_loop, spawn_stats_line, Signals};
 
 /// How long shutdown waits for the accept loops to drop their listening sockets (they
 /// end at their next poll; this only bounds a stuck one).
@@ -356,226 +361,4 @@ impl Serving<'_> {
 
 fn shown(addr: std::io::Result<SocketAddr>) -> String {
     addr.map(|a| a.to_string()).unwrap_or_default()
-}
-
-type Kernel = Arc<std::sync::Mutex<KernelSide>>;
-
-/// The kernel side, even after a panic while it was locked: a panic elsewhere does
-/// not make the attached programs and maps go away, so "poisoned" is not "absent".
-fn lock(kernel: &Kernel) -> std::sync::MutexGuard<'_, KernelSide> {
-    kernel
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Loads and attaches the kernel side, or explains why not. `sockets[i]` are the
-/// listening sockets (TCP or UDP) of `args.listen[i]`; for a port range the first
-/// one is put in the SOCKMAP the sk_lookup program steers the whole range to. With
-/// `--listeners N` that is the first socket of an SO_REUSEPORT group, and the kernel
-/// still spreads steered connections over the whole group.
-async fn start_kernel_side<S: std::os::fd::AsRawFd>(
-    args: &Args,
-    allowed: &SharedAllowList,
-    rules: Option<&[mmproxy_common::ListenRule]>,
-    sockets: &[Vec<S>],
-) -> Result<Option<Kernel>> {
-    // `None`: --ebpf off, or auto without the capabilities (said above). What
-    // needs the kernel side was refused by then (crate::preflight, crate::caps).
-    let Some(rules) = rules else {
-        return Ok(None);
-    };
-    let needs_kernel = crate::preflight::needs_kernel(args);
-    let policy = crate::netwatch::policy(args);
-    let return_path = policy
-        .choose(None, ebpf::ifaces::Stage::StartUp)
-        .await
-        .context("choosing the interfaces for return-path steering")?;
-    for note in &return_path.notes {
-        warn!("return path: {note}");
-    }
-    let current = allowed.current();
-    let (v4, v6) = split_nets(current.as_deref());
-    let opts = KernelOptions {
-        rules,
-        allowed: current.as_ref().map(|_| (&v4[..], &v6[..])),
-        verbose: args.verbose,
-        return_path: &return_path,
-        may_steer: policy.may_steer(),
-        return_mark: args.return_mark,
-        flow_capacity: u32::try_from(args.max_connections.saturating_add(args.max_flows))
-            .unwrap_or(u32::MAX)
-            .min(1 << 22),
-    };
-    match KernelSide::load(&opts) {
-        Ok(mut kernel) => {
-            for (i, (spec, group)) in args.listen.iter().zip(sockets).enumerate() {
-                if let (true, Some(first)) = (spec.is_range(), group.first()) {
-                    kernel.register_listener(i as u32, first)?;
-                }
-            }
-            info!("kernel side attached: sk_lookup enforces allowed subnets before accept()");
-            if !return_path.is_empty() {
-                let list = |s: &std::collections::BTreeSet<String>| {
-                    s.iter().cloned().collect::<Vec<_>>().join(",")
-                };
-                info!(
-                    egress = %list(&return_path.egress),
-                    ingress = %list(&return_path.ingress),
-                    mark = %format!("{:#x}", args.return_mark),
-                    "return path: tc steers answers of live flows to the local table"
-                );
-            }
-            Ok(Some(Arc::new(std::sync::Mutex::new(kernel))))
-        }
-        Err(e) if args.ebpf == EbpfMode::Auto && !needs_kernel => {
-            warn!(
-                error = &e as &dyn std::error::Error,
-                hint = e.hint(),
-                "kernel side unavailable: allowed subnets are enforced in userspace only \
-                 and return traffic is routed only for loopback targets"
-            );
-            Ok(None)
-        }
-        Err(e) => {
-            let hint = e.hint();
-            Err(anyhow::Error::new(e).context(format!("loading the kernel side ({hint})")))
-        }
-    }
-}
-
-fn split_nets(list: Option<&AllowList>) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv6Net>) {
-    match list {
-        Some(l) => (l.v4().collect(), l.v6().collect()),
-        None => (Vec::new(), Vec::new()),
-    }
-}
-
-/// The signals the daemon acts on. Installed before the ready line, so a signal
-/// sent right after it is never met by the default action (which, for SIGUSR1 and
-/// SIGHUP, kills the process).
-struct Signals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
-    usr1: Signal,
-    usr2: Signal,
-}
-
-impl Signals {
-    fn install() -> Result<Self> {
-        let install = |kind: SignalKind, name: &str| {
-            signal(kind).with_context(|| format!("installing the {name} handler"))
-        };
-        Ok(Self {
-            term: install(SignalKind::terminate(), "SIGTERM")?,
-            int: install(SignalKind::interrupt(), "SIGINT")?,
-            hup: install(SignalKind::hangup(), "SIGHUP")?,
-            usr1: install(SignalKind::user_defined1(), "SIGUSR1")?,
-            usr2: install(SignalKind::user_defined2(), "SIGUSR2")?,
-        })
-    }
-}
-
-/// Waits for SIGTERM/SIGINT, or for a new mmproxy to take over (`Some`); reloads
-/// the allow-list on SIGHUP; logs the counters at once on SIGUSR1; starts a new
-/// mmproxy to take over on SIGUSR2.
-async fn signal_loop(
-    mut signals: Signals,
-    args: &Args,
-    allowed: &SharedAllowList,
-    kernel: Option<&Kernel>,
-    stats: &Stats,
-    offer: Option<&Offer>,
-) -> Option<Successor> {
-    let successor = async {
-        match offer {
-            Some(o) => o.successor().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(successor);
-    loop {
-        tokio::select! {
-            _ = signals.term.recv() => return None,
-            _ = signals.int.recv() => return None,
-            s = &mut successor => return Some(s),
-            _ = signals.usr2.recv() => {
-                if offer.is_none() {
-                    warn!("SIGUSR2: this mmproxy offers no handoff (see the warning at start-up); not starting a new one");
-                    continue;
-                }
-                crate::notify::reloading();
-                if let Err(e) = handoff::successor::spawn() {
-                    error!(error = &e as &dyn std::error::Error, "SIGUSR2: cannot start a new mmproxy");
-                    crate::notify::ready();
-                }
-            }
-            _ = signals.hup.recv() => {
-                crate::notify::reloading();
-                reload(args, allowed, kernel);
-                crate::notify::ready();
-            }
-            _ = signals.usr1.recv() => info!("stats {}", stats_line(stats, kernel)),
-        }
-    }
-}
-
-fn reload(args: &Args, allowed: &SharedAllowList, kernel: Option<&Kernel>) {
-    let Some(path) = args.allowed_subnets.as_deref() else {
-        info!("SIGHUP: no --allowed-subnets file to reload");
-        return;
-    };
-    match allowed.reload(path) {
-        Ok((n, warnings)) => {
-            for w in warnings {
-                warn!("{w}");
-            }
-            if let Some(kernel) = kernel {
-                let current = allowed.current();
-                let (v4, v6) = split_nets(current.as_deref());
-                if let Err(e) = lock(kernel).set_allowed(Some((&v4, &v6))) {
-                    error!(
-                        error = &e as &dyn std::error::Error,
-                        "SIGHUP: updating the kernel's allowed subnets failed"
-                    );
-                }
-            }
-            info!("SIGHUP: reloaded {} ({n} subnets)", path.display());
-        }
-        Err(e) => error!(
-            error = &e as &dyn std::error::Error,
-            "SIGHUP: keeping the previous allowed subnets"
-        ),
-    }
-}
-
-fn spawn_stats_line(
-    every: Duration,
-    stats: Arc<Stats>,
-    kernel: Option<Kernel>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if every.is_zero() {
-            return;
-        }
-        let mut tick = tokio::time::interval(every);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            info!("stats {}", stats_line(&stats, kernel.as_ref()));
-        }
-    })
-}
-
-/// Userspace and kernel counters, `name=value`, zeros left out.
-fn stats_line(stats: &Stats, kernel: Option<&Kernel>) -> String {
-    let mut line = stats.render();
-    if let Some(k) = kernel {
-        for (name, v) in lock(k).counters() {
-            if v != 0 {
-                line.push_str(&format!(" {name}={v}"));
-            }
-        }
-    }
-    line
 }
