@@ -16,6 +16,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const FLOWS: &str = "FLOWS";
+    pub const UDP_RELAY: &str = "UDP_RELAY";
 }
 
 /// Names of the programs in the BPF object.
@@ -25,6 +26,12 @@ pub mod program_names {
     pub const TC_EGRESS: &str = "mmproxy_tc_egress";
     /// tc ingress on interfaces towards services elsewhere (containers).
     pub const TC_INGRESS: &str = "mmproxy_tc_ingress";
+    /// tc ingress on every interface balancer datagrams may arrive on
+    /// (`--udp-datapath kernel`): datagrams of live flows relayed to the service.
+    pub const TC_UDP_IN: &str = "mmproxy_tc_udp_in";
+    /// tc egress on `lo` (`--udp-datapath kernel`): answers of services on this
+    /// host that the loopback routing rule sends through `lo`, relayed to the proxy.
+    pub const TC_LO_EGRESS: &str = "mmproxy_tc_lo_egress";
 }
 
 /// Capacity of each allowed-subnet trie. A BGP full table of a large proxy fleet is
@@ -84,6 +91,12 @@ pub struct Config {
     /// Index of `lo` in the daemon's namespace: where tc egress redirects answers
     /// generated on this host.
     pub lo_ifindex: u32,
+    /// Non-zero with `--udp-datapath kernel`: the tc programs relay the datagrams
+    /// and answers of flows in `UDP_RELAY`. Zero spares every packet the lookup.
+    pub udp_relay: u32,
+    /// `--max-header-len`: longer PROXY headers are left to user space, which
+    /// refuses them.
+    pub max_header_len: u32,
 }
 
 /// Default capacity of `FLOWS`; the daemon sizes it from `--max-connections` and
@@ -212,6 +225,138 @@ impl FlowKey {
     }
 }
 
+/// `RelayKey::direction`: a datagram from a proxy, on its way to the service.
+pub const RELAY_IN: u8 = 1;
+/// `RelayKey::direction`: a service's answer, on its way back to the proxy.
+pub const RELAY_OUT: u8 = 2;
+
+/// `RelayAction::flags`: deliver by redirecting into `lo`'s ingress (the target is
+/// one of this host's addresses, loopback included); the frame's destination MAC
+/// is zeroed so `lo` accepts it as addressed to itself.
+pub const RELAY_TO_LO: u8 = 1;
+
+/// One half of a UDP flow relayed by the kernel (`--udp-datapath kernel`), as its
+/// packets look when they reach a tc program. Both halves of a flow live in the one
+/// `UDP_RELAY` LRU hash; user space adds and removes them together.
+///
+/// - `RELAY_IN`: the proxy's datagram as it arrives: from `src` (the proxy) to
+///   `dst` (the local address and port it sent to), carrying a PROXY v2 header from
+///   `client` to `orig_dst`.
+/// - `RELAY_OUT`: the service's answer: from port `src_port` (the address left out,
+///   as in [`FlowKey::udp_answer`]) to `dst` (the client's address and port the
+///   flow's upstream socket is bound to); `client` and `orig_dst` are zero.
+///
+/// Addresses and ports in network byte order; IPv4 uses the first four bytes of
+/// each address. Build keys with the constructors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct RelayKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub client_addr: [u8; 16],
+    pub orig_dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub client_port: u16,
+    pub orig_dst_port: u16,
+    /// `RELAY_IN` or `RELAY_OUT`.
+    pub direction: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+impl RelayKey {
+    /// The key of a proxy's datagrams for one flow (see [`RelayKey`]).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub const fn inbound(
+        family: u8,
+        proxy: [u8; 16],
+        proxy_port: u16,
+        local: [u8; 16],
+        local_port: u16,
+        client: [u8; 16],
+        client_port: u16,
+        orig_dst: [u8; 16],
+        orig_dst_port: u16,
+    ) -> Self {
+        RelayKey {
+            src_addr: proxy,
+            dst_addr: local,
+            client_addr: client,
+            orig_dst_addr: orig_dst,
+            src_port: proxy_port,
+            dst_port: local_port,
+            client_port,
+            orig_dst_port,
+            direction: RELAY_IN,
+            family,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The key of a flow's answers (see [`RelayKey`]): the same tuple as
+    /// [`FlowKey::udp_answer`].
+    #[inline(always)]
+    pub const fn outbound(
+        family: u8,
+        service_port: u16,
+        client: [u8; 16],
+        client_port: u16,
+    ) -> Self {
+        RelayKey {
+            src_addr: [0; 16],
+            dst_addr: client,
+            client_addr: [0; 16],
+            orig_dst_addr: [0; 16],
+            src_port: service_port,
+            dst_port: client_port,
+            client_port: 0,
+            orig_dst_port: 0,
+            direction: RELAY_OUT,
+            family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// What a tc program does with a packet whose [`RelayKey`] is in `UDP_RELAY`.
+///
+/// - `RELAY_IN`: strip the PROXY header and send the payload from `src` (the
+///   address and port the flow's upstream socket is bound to) to `dst` (the
+///   target), as that socket would have.
+/// - `RELAY_OUT`: send the answer from `src` (the local address and port the proxy
+///   sent to) to `dst` (the proxy), as the listening socket would have.
+///
+/// Addresses and ports as in [`RelayKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RelayAction {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when this half last relayed a packet,
+    /// 0 if never: written by the kernel, read by the idle sweep.
+    pub last_ns: u64,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// With `RELAY_TO_LO`, `lo`'s index; otherwise the interface the packet leaves
+    /// through (`bpf_redirect_neigh`): for `RELAY_IN` the one the target is routed
+    /// over, for `RELAY_OUT` the one the proxy's datagram arrived on.
+    pub ifindex: u32,
+    /// The packet's mark (`--mark` for `RELAY_IN`); 0 leaves it alone.
+    pub mark: u32,
+    /// `RELAY_*` bits.
+    pub flags: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`, the same as the key's.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Default capacity of `UDP_RELAY` (two entries per flow); the daemon sizes it from
+/// `--max-flows` at load time.
+pub const MAX_RELAY_ENTRIES: u32 = 2 * MAX_FLOWS;
+
 /// Indices into the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,10 +380,33 @@ pub enum Counter {
     /// to the service instead of steering it back to mmproxy: its tuple is a live
     /// flow's.
     OwnUpstream = 8,
+    /// tc relayed a proxy's datagram of a live flow to the service (`--udp-datapath
+    /// kernel`).
+    UdpRelayedIn = 9,
+    /// tc relayed a service's answer of a live flow to the proxy.
+    UdpRelayedOut = 10,
+    /// A datagram to a UDP listen rule with a valid PROXY header and no live kernel
+    /// flow (a flow's first datagram): left to user space.
+    UdpPuntedNoFlow = 11,
+    /// A datagram whose PROXY header the kernel does not relay (LOCAL, TLVs it does
+    /// not skip, over `--max-header-len`, malformed, another family than the
+    /// packet's): left to user space, which decides.
+    UdpPuntedHeader = 12,
+    /// A packet the kernel does not rewrite: IP options, a fragment, IPv6
+    /// extension headers, a TTL or hop limit about to run out.
+    UdpPuntedPacket = 13,
+    /// A packet that would not fit the outgoing interface's MTU after rewriting.
+    UdpPuntedMtu = 14,
+    /// A datagram from a proxy outside the allowed subnets: left to the normal
+    /// path, where sk_lookup refuses it.
+    UdpPuntedNotAllowed = 15,
+    /// A rewrite or redirect helper failed; the packet was dropped if already
+    /// changed, left alone otherwise.
+    UdpRelayFailed = 16,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 17] = [
         Counter::RefusedV4,
         Counter::RefusedV6,
         Counter::AllowedV4,
@@ -248,6 +416,14 @@ impl Counter {
         Counter::ReturnMarked,
         Counter::ReturnRedirected,
         Counter::OwnUpstream,
+        Counter::UdpRelayedIn,
+        Counter::UdpRelayedOut,
+        Counter::UdpPuntedNoFlow,
+        Counter::UdpPuntedHeader,
+        Counter::UdpPuntedPacket,
+        Counter::UdpPuntedMtu,
+        Counter::UdpPuntedNotAllowed,
+        Counter::UdpRelayFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -261,6 +437,14 @@ impl Counter {
             Counter::ReturnMarked => "kernel_return_marked",
             Counter::ReturnRedirected => "kernel_return_redirected",
             Counter::OwnUpstream => "kernel_own_upstream",
+            Counter::UdpRelayedIn => "kernel_udp_relayed_in",
+            Counter::UdpRelayedOut => "kernel_udp_relayed_out",
+            Counter::UdpPuntedNoFlow => "kernel_udp_punted_no_flow",
+            Counter::UdpPuntedHeader => "kernel_udp_punted_header",
+            Counter::UdpPuntedPacket => "kernel_udp_punted_packet",
+            Counter::UdpPuntedMtu => "kernel_udp_punted_mtu",
+            Counter::UdpPuntedNotAllowed => "kernel_udp_punted_not_allowed",
+            Counter::UdpRelayFailed => "kernel_udp_relay_failed",
         }
     }
 }
@@ -274,6 +458,8 @@ mod user {
     unsafe impl aya::Pod for super::ListenRule {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::RelayKey {}
+    unsafe impl aya::Pod for super::RelayAction {}
 }
 
 #[cfg(test)]
@@ -296,11 +482,13 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 24);
         assert_eq!(offset_of!(Config, rule_count), 0);
         assert_eq!(offset_of!(Config, filter_enabled), 4);
         assert_eq!(offset_of!(Config, return_mark), 8);
         assert_eq!(offset_of!(Config, lo_ifindex), 12);
+        assert_eq!(offset_of!(Config, udp_relay), 16);
+        assert_eq!(offset_of!(Config, max_header_len), 20);
     }
 
     #[test]
@@ -314,6 +502,63 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, family), 36);
         assert_eq!(offset_of!(FlowKey, protocol), 37);
         assert_eq!(offset_of!(FlowKey, _pad), 38);
+    }
+
+    #[test]
+    fn relay_key_layout() {
+        assert_eq!(size_of::<RelayKey>(), 76);
+        assert_eq!(align_of::<RelayKey>(), 2);
+        assert_eq!(offset_of!(RelayKey, src_addr), 0);
+        assert_eq!(offset_of!(RelayKey, dst_addr), 16);
+        assert_eq!(offset_of!(RelayKey, client_addr), 32);
+        assert_eq!(offset_of!(RelayKey, orig_dst_addr), 48);
+        assert_eq!(offset_of!(RelayKey, src_port), 64);
+        assert_eq!(offset_of!(RelayKey, dst_port), 66);
+        assert_eq!(offset_of!(RelayKey, client_port), 68);
+        assert_eq!(offset_of!(RelayKey, orig_dst_port), 70);
+        assert_eq!(offset_of!(RelayKey, direction), 72);
+        assert_eq!(offset_of!(RelayKey, family), 73);
+        assert_eq!(offset_of!(RelayKey, _pad), 74);
+    }
+
+    #[test]
+    fn relay_action_layout() {
+        assert_eq!(size_of::<RelayAction>(), 56);
+        assert_eq!(align_of::<RelayAction>(), 8);
+        assert_eq!(offset_of!(RelayAction, last_ns), 0);
+        assert_eq!(offset_of!(RelayAction, src_addr), 8);
+        assert_eq!(offset_of!(RelayAction, dst_addr), 24);
+        assert_eq!(offset_of!(RelayAction, src_port), 40);
+        assert_eq!(offset_of!(RelayAction, dst_port), 42);
+        assert_eq!(offset_of!(RelayAction, ifindex), 44);
+        assert_eq!(offset_of!(RelayAction, mark), 48);
+        assert_eq!(offset_of!(RelayAction, flags), 52);
+        assert_eq!(offset_of!(RelayAction, family), 53);
+        assert_eq!(offset_of!(RelayAction, _pad), 54);
+    }
+
+    #[test]
+    fn the_outbound_relay_key_is_the_answer_tuple_and_differs_from_inbound() {
+        let client = [198, 51, 100, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let (sp, cp) = (9000u16.to_be(), 41000u16.to_be());
+        let out = RelayKey::outbound(FAMILY_V4, sp, client, cp);
+        let answer = FlowKey::udp_answer(FAMILY_V4, sp, client, cp);
+        assert_eq!(
+            (out.src_addr, out.src_port, out.dst_addr, out.dst_port),
+            (
+                answer.src_addr,
+                answer.src_port,
+                answer.dst_addr,
+                answer.dst_port
+            )
+        );
+        let proxy = [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let local = [192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let inbound =
+            RelayKey::inbound(FAMILY_V4, proxy, 5000, local, 8443, client, cp, local, 8443);
+        assert_eq!(inbound.direction, RELAY_IN);
+        assert_eq!(out.direction, RELAY_OUT);
+        assert_ne!(inbound, out);
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         flow_capacity: u32::try_from(args.max_connections.saturating_add(args.max_flows))
             .unwrap_or(u32::MAX)
             .min(1 << 22),
+        // TODO(#16, wip-daemon): from --udp-datapath.
+        udp_relay: false,
+        max_header_len: u32::try_from(args.max_header_len).unwrap_or(u32::MAX),
     };
     match KernelSide::load(&opts) {
         Ok(mut kernel) => {

@@ -15,6 +15,7 @@ mod rules;
 mod subnets;
 mod sysctl;
 pub mod tc_links;
+pub mod udp_relay;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -35,6 +36,7 @@ pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};
 use sysctl::AcceptLocal;
 use tc_links::{Direction, TcChanges, TcLinks};
+pub use udp_relay::{RelayError, RelayFlow, RelayRegistration, UdpRelay};
 
 /// Set to 1 to make [`KernelSide::load`] fail, so the userspace fallback of
 /// `--ebpf auto` can be tested on a machine where BPF works.
@@ -143,6 +145,10 @@ pub struct KernelOptions<'a> {
     pub return_mark: u32,
     /// Capacity of the flow table: concurrent TCP connections plus UDP flows.
     pub flow_capacity: u32,
+    /// `--udp-datapath kernel`: the tc programs relay established UDP flows.
+    pub udp_relay: bool,
+    /// `--max-header-len`, for the kernel's PROXY header check.
+    pub max_header_len: u32,
 }
 
 /// The loaded, attached kernel side. Dropping it detaches everything.
@@ -225,6 +231,8 @@ impl KernelSide {
             filter_enabled: u32::from(opts.allowed.is_some()),
             return_mark: opts.return_mark,
             lo_ifindex,
+            udp_relay: u32::from(opts.udp_relay),
+            max_header_len: opts.max_header_len,
         };
         config
             .set(0, cfg, 0)
@@ -296,6 +304,13 @@ impl KernelSide {
     /// Where the proxies register their upstream flows.
     pub fn flows(&self) -> Arc<dyn FlowRegistry> {
         Arc::new(self.flows.clone())
+    }
+
+    /// Where the UDP proxy hands established flows to the kernel; `None` unless
+    /// loaded with [`KernelOptions::udp_relay`].
+    // TODO(#16, wip-kernel): the `UDP_RELAY` map behind this.
+    pub fn udp_relay(&self) -> Option<Arc<dyn UdpRelay>> {
+        None
     }
 
     /// Whether tc programs may steer answers of registered flows, now or once the
