@@ -7,11 +7,19 @@ use anyhow::Result;
 
 use crate::netns::Netns;
 
-/// (interface, "ingress" | "egress") for every TCX link `pid` holds. A link whose
-/// interface no longer exists in `ns` (a defunct link) shows as `#<ifindex>`.
-pub fn tcx_links(pid: i32, ns: &Netns) -> Result<BTreeSet<(String, &'static str)>> {
-    let names = interface_names(ns)?;
-    let mut out = BTreeSet::new();
+/// A BPF link or program a process holds, from one `/proc/<pid>/fdinfo` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Held {
+    pub link_type: Option<String>,
+    pub prog_id: u32,
+    pub ifindex: Option<u32>,
+    pub attach_type: Option<String>,
+}
+
+/// Every descriptor of `pid` that refers to a BPF program (directly or through a
+/// link), sorted.
+pub fn held_by(pid: i32) -> Result<Vec<Held>> {
+    let mut out = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
@@ -21,11 +29,31 @@ pub fn tcx_links(pid: i32, ns: &Netns) -> Result<BTreeSet<(String, &'static str)
                 .find_map(|l| l.strip_prefix(name))
                 .map(|v| v.trim().to_owned())
         };
-        if field("link_type:").as_deref() != Some("tcx") {
+        let Some(prog_id) = field("prog_id:").and_then(|v| v.parse().ok()) else {
+            continue;
+        };
+        out.push(Held {
+            link_type: field("link_type:"),
+            prog_id,
+            ifindex: field("ifindex:").and_then(|v| v.parse().ok()),
+            attach_type: field("attach_type:"),
+        });
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// (interface, "ingress" | "egress") for every TCX link `pid` holds. A link whose
+/// interface no longer exists in `ns` (a defunct link) shows as `#<ifindex>`.
+pub fn tcx_links(pid: i32, ns: &Netns) -> Result<BTreeSet<(String, &'static str)>> {
+    let names = interface_names(ns)?;
+    let mut out = BTreeSet::new();
+    for held in held_by(pid)? {
+        if held.link_type.as_deref() != Some("tcx") {
             continue;
         }
-        let ifindex: u32 = field("ifindex:").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let dir = match field("attach_type:") {
+        let ifindex = held.ifindex.unwrap_or(0);
+        let dir = match held.attach_type.as_deref() {
             Some(a) if a.contains("egress") => "egress",
             _ => "ingress",
         };

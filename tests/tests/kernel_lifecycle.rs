@@ -12,6 +12,7 @@ use mmproxy_tests::balancer::{proxied, UdpBalancer};
 use mmproxy_tests::client::roundtrip;
 use mmproxy_tests::daemon::{Daemon, FALLBACK_WARNING};
 use mmproxy_tests::netns::Netns;
+use mmproxy_tests::tcx::held_by;
 use mmproxy_tests::topology::*;
 use mmproxy_tests::udp_upstream::UdpEcho;
 use mmproxy_tests::upstream::EchoServer;
@@ -51,40 +52,6 @@ fn forced_bpf_failure_falls_back_with_one_warning_or_stops_under_ebpf_on() -> Re
 }
 
 // ---------------------------------------------------------------- lifecycle
-
-/// A BPF link or program held by a process, from /proc/<pid>/fdinfo.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-struct Held {
-    link_type: Option<String>,
-    prog_id: u32,
-    ifindex: Option<u32>,
-    attach_type: Option<String>,
-}
-
-fn held_by(pid: i32) -> Result<Vec<Held>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
-            continue;
-        };
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-        };
-        let Some(prog_id) = field("prog_id:").and_then(|v| v.parse().ok()) else {
-            continue;
-        };
-        out.push(Held {
-            link_type: field("link_type:"),
-            prog_id,
-            ifindex: field("ifindex:").and_then(|v| v.parse().ok()),
-            attach_type: field("attach_type:"),
-        });
-    }
-    out.sort();
-    Ok(out)
-}
 
 fn ifindex(ns: &Netns, dev: &str) -> Result<u32> {
     let out = ns.ip_output(&["-o", "link", "show", dev])?;

@@ -4,10 +4,10 @@
 //! which writes only under target/.
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::compile::{self, host_env};
-use crate::util::{cargo, is_root, run, step};
+use crate::util::{cargo, run};
 
 pub struct Args {
     pub quick: bool,
@@ -25,11 +25,7 @@ pub fn run_full(args: &Args) -> Result<()> {
 /// The runner, assuming the daemon is built. Without root it explains and skips,
 /// unless CI=true.
 pub fn runner(args: &Args) -> Result<()> {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            bail!("the benchmark needs root (network namespaces), and CI=true forbids skipping");
-        }
-        step("skipping the benchmark: it needs root (network namespaces)");
+    if !crate::util::root_or_skip("the benchmark")? {
         return Ok(());
     }
     let mut shown = String::from("cargo xtask bench");

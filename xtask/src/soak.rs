@@ -1,10 +1,10 @@
 //! `cargo xtask soak [--minutes N]`: builds the daemon, then runs the soak runner
 //! (tests/src/bin/soak.rs) as root. It writes target/soak/summary.md and
 //! samples.csv and fails when a check fails; RELIABILITY.md records a long run.
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::compile::{self, host_env};
-use crate::util::{cargo, is_root, run, step};
+use crate::util::{cargo, run};
 
 pub struct Args {
     pub minutes: f64,
@@ -21,11 +21,7 @@ pub fn run_full(args: &Args) -> Result<()> {
 /// The runner, assuming the daemon is built. Without root it explains and skips,
 /// unless CI=true.
 pub fn runner(args: &Args) -> Result<()> {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            bail!("the soak needs root (network namespaces), and CI=true forbids skipping");
-        }
-        step("skipping the soak: it needs root (network namespaces)");
+    if !crate::util::root_or_skip("the soak")? {
         return Ok(());
     }
     let mut shown = format!("cargo xtask soak --minutes {}", args.minutes);

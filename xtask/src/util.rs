@@ -82,3 +82,18 @@ pub fn build_path() -> std::ffi::OsString {
     }
     std::env::join_paths(paths).unwrap_or_default()
 }
+
+/// Whether a suite that needs root (network namespaces) may run: as root, yes;
+/// otherwise it explains and skips, except with CI=true, where skipping is an error.
+pub fn root_or_skip(what: &str) -> anyhow::Result<bool> {
+    if is_root() {
+        return Ok(true);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        anyhow::bail!("{what} needs root (network namespaces), and CI=true forbids skipping");
+    }
+    step(&format!(
+        "skipping {what}: it needs root (network namespaces)"
+    ));
+    Ok(false)
+}
