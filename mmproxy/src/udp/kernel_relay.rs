@@ -160,7 +160,7 @@ impl KernelHalf {
         self.registration
             .as_ref()
             .and_then(RelayRegistration::last_active)
-            .map_or(0, |t| clock.from_monotonic(t))
+            .map_or(0, |t| clock.ms_of_monotonic(t))
     }
 
     #[cfg(test)]

@@ -278,9 +278,9 @@ fn kernel_activity_keeps_a_flow_alive_and_expiry_and_eviction_remove_it() {
 fn kernel_times_are_put_on_the_listeners_clock() {
     let clock = Clock::new();
     let now = super::super::monotonic_now();
-    let ms = clock.from_monotonic(now);
+    let ms = clock.ms_of_monotonic(now);
     assert!(ms <= clock.now_ms() + 1, "{ms} vs {}", clock.now_ms());
-    assert_eq!(clock.from_monotonic(Duration::ZERO), 0);
+    assert_eq!(clock.ms_of_monotonic(Duration::ZERO), 0);
 }
 
 /// Waits (bounded) until `done` holds; panics with `what` otherwise.

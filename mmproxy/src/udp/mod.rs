@@ -125,7 +125,7 @@ impl UdpContext {
 struct Clock {
     start: Instant,
     /// CLOCK_MONOTONIC at `start`, to put the kernel's `bpf_ktime_get_ns()` times on
-    /// this clock ([`Clock::from_monotonic`]).
+    /// this clock ([`Clock::ms_of_monotonic`]).
     monotonic_start: Duration,
 }
 
@@ -145,7 +145,7 @@ impl Clock {
     }
 
     /// A CLOCK_MONOTONIC time as [`Clock::now_ms`] counts (0 before the start).
-    fn from_monotonic(&self, t: Duration) -> u64 {
+    fn ms_of_monotonic(&self, t: Duration) -> u64 {
         u64::try_from(t.saturating_sub(self.monotonic_start).as_millis()).unwrap_or(u64::MAX)
     }
 }
