@@ -432,7 +432,7 @@ fn udp_datapath_row(args: &Args, kernel_on: bool, r: &mut Report) {
         (UdpDatapath::Kernel, false) => r.row(
             "udp datapath",
             State::Fail,
-            "kernel: needs the kernel side, which would not load (above)",
+            "kernel: needs the kernel side, which is off or would not load (above)",
         ),
     }
 }

@@ -26,7 +26,18 @@ pub struct Validated {
 /// Whether a feature asked for cannot do without the kernel side (then `--ebpf
 /// auto` may not fall back to userspace).
 pub fn needs_kernel(args: &Args) -> bool {
-    args.listen.iter().any(|l| l.is_range()) || kernel_udp_datapath(args)
+    kernel_needed_by(args).is_some()
+}
+
+/// What makes the kernel side required, for start-up's error when it cannot load.
+pub fn kernel_needed_by(args: &Args) -> Option<&'static str> {
+    if args.listen.iter().any(|l| l.is_range()) {
+        Some("port ranges in -l")
+    } else if kernel_udp_datapath(args) {
+        Some("--udp-datapath kernel")
+    } else {
+        None
+    }
 }
 
 /// `--udp-datapath kernel`: the tc programs relay established UDP flows.
@@ -120,6 +131,7 @@ mod tests {
         let kernel = args(&["-p", "udp", "--udp-datapath", "kernel"]);
         assert!(validate(&kernel).unwrap().rules.is_some());
         assert!(needs_kernel(&kernel), "--ebpf auto may not fall back");
+        assert_eq!(kernel_needed_by(&kernel), Some("--udp-datapath kernel"));
         let on = args(&["-p", "udp", "--udp-datapath", "kernel", "--ebpf", "on"]);
         assert!(validate(&on).is_ok());
         assert!(!needs_kernel(&args(&["-p", "udp"])));

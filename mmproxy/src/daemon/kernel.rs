@@ -95,7 +95,11 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         }
         Err(e) => {
             let hint = e.hint();
-            Err(anyhow::Error::new(e).context(format!("loading the kernel side ({hint})")))
+            let why = match crate::preflight::kernel_needed_by(args) {
+                Some(what) => format!("required by {what}; {hint}"),
+                None => hint.to_owned(),
+            };
+            Err(anyhow::Error::new(e).context(format!("loading the kernel side ({why})")))
         }
     }
 }
