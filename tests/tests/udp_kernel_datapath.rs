@@ -461,9 +461,33 @@ fn eviction_at_max_flows_removes_both_halves_from_the_kernel() -> Result<()> {
     Ok(())
 }
 
-/// `bpftool net show` in `ns`: the tc programs attached to its interfaces.
-fn tc_programs(ns: &Netns) -> Result<String> {
-    ns.run("bpftool", &["net", "show"])
+/// The programs of every BPF link in the system (`bpftool link show -j`): tcx links
+/// included, whatever the bpftool version makes of their type.
+fn attached_prog_ids() -> Result<BTreeSet<u32>> {
+    // A link listed and gone before bpftool opens it (other tests' daemons come and
+    // go) fails the listing: try again.
+    let mut tries = 0;
+    let out = loop {
+        match mmproxy_tests::netns::output(
+            std::process::Command::new("bpftool").args(["link", "show", "-j"]),
+        ) {
+            Ok(out) => break out,
+            Err(e) if tries >= 20 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    Ok(out
+        .split("\"prog_id\":")
+        .skip(1)
+        .filter_map(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .collect())
 }
 
 /// A daemon relaying a flow in the kernel is SIGKILLed: no program of it stays on
@@ -495,19 +519,19 @@ fn sigkill_leaves_no_relay_program_attached_and_a_restart_relays_again() -> Resu
         .map(|h| h.prog_id)
         .collect();
     assert!(!progs.is_empty(), "no BPF link held");
-    let shown = tc_programs(&t.host)?;
-    assert!(shown.contains("mmproxy_"), "{shown}");
+    let attached = attached_prog_ids()?;
+    assert!(progs.is_subset(&attached), "{progs:?} vs {attached:?}");
 
     d.signal(libc::SIGKILL);
     d.wait_exit(WAIT)?;
     let deadline = Instant::now() + WAIT;
     loop {
-        let shown = tc_programs(&t.host)?;
-        if !shown.contains("mmproxy_") {
+        let still: Vec<u32> = attached_prog_ids()?.intersection(&progs).copied().collect();
+        if still.is_empty() {
             break;
         }
         if Instant::now() > deadline {
-            bail!("still attached after SIGKILL:\n{shown}");
+            bail!("programs {still:?} still attached after SIGKILL");
         }
         thread::sleep(Duration::from_millis(50));
     }
