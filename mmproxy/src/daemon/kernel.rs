@@ -54,9 +54,7 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         return_path: &return_path,
         may_steer: policy.may_steer(),
         return_mark: args.return_mark,
-        relay_capacity: u32::try_from(args.max_flows.saturating_mul(2))
-            .unwrap_or(u32::MAX)
-            .min(1 << 22),
+        relay_capacity: relay_capacity(args.max_flows),
         flow_capacity: u32::try_from(args.max_connections.saturating_add(args.max_flows))
             .unwrap_or(u32::MAX)
             .min(1 << 22),
@@ -105,6 +103,23 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
             Err(anyhow::Error::new(e).context(format!("loading the kernel side ({why})")))
         }
     }
+}
+
+/// Free nodes each CPU's list of a BPF LRU map takes at once (the kernel's
+/// LOCAL_FREE_TARGET).
+const LRU_LOCAL_FREE: usize = 128;
+
+/// `UDP_RELAY`'s size: two entries per flow, plus what the LRU map keeps free. Its
+/// CPUs take free nodes in batches and, when the map is short of them, evict live
+/// entries to make a batch rather than wait for it to be full; with only the flows'
+/// entries a small `--max-flows` would see relayed flows dropped from the kernel
+/// (they go on in user space, slower).
+fn relay_capacity(max_flows: usize) -> u32 {
+    let cpus = aya::util::nr_cpus().unwrap_or(1);
+    let headroom = cpus.saturating_add(1).saturating_mul(LRU_LOCAL_FREE);
+    u32::try_from(max_flows.saturating_mul(2).saturating_add(headroom))
+        .unwrap_or(u32::MAX)
+        .min(1 << 22)
 }
 
 pub(super) fn split_nets(list: Option<&AllowList>) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv6Net>) {

@@ -164,30 +164,31 @@ impl<K: Hash + Eq + Copy, V> FlowTable<K, V> {
         }
     }
 
-    /// For a full table about to evict: moves up to `looks` flows at the tail that
-    /// `activity` says were used after the table last saw them to the front, with
-    /// that time, stopping at the first that was not. The eviction that follows
-    /// then picks a flow idle by `activity` too, unless all `looks` were busy (each
-    /// look may cost the caller a lookup, hence the bound). As in
-    /// [`FlowTable::expire`], a flow moved this way may sit in front of flows used
-    /// later than it.
-    pub fn refresh_tail(&mut self, looks: usize, activity: impl Fn(&V) -> u64) {
-        for _ in 0..looks.min(self.len()) {
-            let i = self.tail;
-            let Some(slot) = self.slots.get_mut(i) else {
-                return;
+    /// For a full table about to evict: removes and returns the flow idle longest
+    /// among the `looks` least recently used, by the later of the table's time and
+    /// `activity` (use the table did not see). Each look may cost the caller a
+    /// lookup, hence the bound; nothing is reordered, so the table's order stays
+    /// its own (a flow busy elsewhere stays at the tail, to be looked at again).
+    pub fn pop_idlest(&mut self, looks: usize, activity: impl Fn(&V) -> u64) -> Option<(K, V)> {
+        let mut i = self.tail;
+        let mut idlest: Option<(usize, u64)> = None;
+        for _ in 0..looks.max(1) {
+            let Some(slot) = self.slots.get(i) else {
+                break;
             };
             let Some((_, v)) = slot.entry.as_ref() else {
-                return;
+                break;
             };
-            let seen = activity(v);
-            if seen <= slot.last_used {
-                return;
+            let seen = slot.last_used.max(activity(v));
+            if idlest.is_none_or(|(_, t)| seen < t) {
+                idlest = Some((i, seen));
             }
-            slot.last_used = seen;
-            self.unlink(i);
-            self.push_front(i);
+            i = slot.prev;
         }
+        let (i, _) = idlest?;
+        let (k, v) = self.release(i)?;
+        self.index.remove(&k);
+        Some((k, v))
     }
 
     /// Every flow, in no particular order (for shutdown and tests).
@@ -337,26 +338,26 @@ mod tests {
     }
 
     #[test]
-    fn refreshing_the_tail_spares_flows_busy_elsewhere() {
-        let mut t = FlowTable::new(3);
-        let seen: [Cell<u64>; 4] = Default::default();
-        for k in 0..3u32 {
+    fn the_idlest_of_the_tail_is_evicted_and_the_order_kept() {
+        let mut t = FlowTable::new(4);
+        let seen: [Cell<u64>; 5] = Default::default();
+        for k in 0..4u32 {
             t.insert(k, k as usize, u64::from(k));
         }
-        // 0 and 1 were busy elsewhere at 50 and 60; 2 was not.
+        // 0 and 1 were busy elsewhere at 50 and 60; 2 was not, 3 is the newest.
         seen[0].set(50);
         seen[1].set(60);
         let activity = |v: &usize| seen[*v].get();
-        t.refresh_tail(8, activity);
-        assert_eq!(keys(&t), [1, 0, 2], "stops at 2, idle by both measures");
-        assert_eq!(t.insert(3, 3, 70), Some((2, 2)));
-        // Only `looks` flows are looked at: the one after them is evicted.
-        seen[3].set(80);
-        seen[0].set(90);
-        seen[1].set(95);
-        t.refresh_tail(1, activity);
-        assert_eq!(keys(&t), [0, 3, 1]);
-        assert_eq!(t.insert(9, 2, 100), Some((1, 1)));
+        assert_eq!(t.pop_idlest(8, activity), Some((2, 2)));
+        assert_eq!(keys(&t), [3, 1, 0], "nothing reordered");
+        // Only `looks` flows are looked at: of 0 and 1, 0 was idle longer.
+        t.insert(4, 4, 70);
+        assert_eq!(t.pop_idlest(2, activity), Some((0, 0)));
+        // Nothing busy elsewhere: the least recently used, as insert() would.
+        assert_eq!(t.pop_idlest(8, |_| 0), Some((1, 1)));
+        assert_eq!(keys(&t), [4, 3]);
+        t.drain().for_each(drop);
+        assert_eq!(t.pop_idlest(8, activity), None);
     }
 
     #[test]

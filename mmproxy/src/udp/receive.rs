@@ -33,7 +33,7 @@ use super::{UdpContext, ERROR_PAUSE};
 const LISTENER_BATCH: usize = 32;
 /// Flows at the tail of a full table whose kernel activity is read before one is
 /// evicted (`--udp-datapath kernel`; each look is two map lookups).
-const EVICTION_LOOKS: usize = 8;
+const EVICTION_LOOKS: usize = 4;
 /// Receive buffer asked for on listening sockets: bursts from a balancer arrive
 /// faster than flows are set up, and the 208 KiB default holds ~300 small datagrams.
 const LISTENER_RCVBUF: usize = 4 << 20;
@@ -398,14 +398,18 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
         Stats::inc(&stats.udp_flows_created);
         debug!(target: CONN_TARGET, peer = %id.proxy, client = %Shown(id.client),
                upstream = %target, "UDP flow created");
+        let mut evicted = None;
         if self.ctx.relay.is_some() && self.table.len() >= self.table.capacity() {
             // Kernel-relayed traffic never touches the table: the least recently
             // used flow by the table may be busy in the kernel.
             let clock = self.ctx.clock;
-            self.table
-                .refresh_tail(EVICTION_LOOKS, |flow| flow.last_active(&clock));
+            evicted = self
+                .table
+                .pop_idlest(EVICTION_LOOKS, |flow| flow.last_active(&clock));
         }
-        if let Some((old, _flow)) = self.table.insert(id, flow, now) {
+        // With room made above, insert() evicts nothing.
+        evicted = self.table.insert(id, flow, now).or(evicted);
+        if let Some((old, _flow)) = evicted {
             Stats::inc(&stats.udp_flows_evicted);
             if self.log.allow(now) {
                 warn!(target: CONN_TARGET, peer = %old.proxy, client = %Shown(old.client),
