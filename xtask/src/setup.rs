@@ -22,6 +22,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces, veth, ip rule"),
     ("haproxy", "the real PROXY sender in end-to-end tests"),
     ("bpftool", "checks what BPF programs are attached"),
+    (
+        "ethtool",
+        "turns checksum offloads off so receivers verify the kernel relay's checksums",
+    ),
     ("go-mmproxy", "the peer for side-by-side comparison"),
     (
         "openssl",
