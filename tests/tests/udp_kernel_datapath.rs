@@ -136,7 +136,7 @@ fn exchange(
 }
 
 /// `client`'s first datagram through `lb` to `to` (user space), then `n` more,
-/// every other one with a TLV the kernel skips: each reaches the service (`peer`
+/// every other one with a TLV the kernel skips (ALPN, checked by framing alone): each reaches the service (`peer`
 /// says whom it saw) as the client and is answered, the user-space counters stay
 /// as the first one left them and the kernel's relayed counters grow by `n`.
 fn first_in_user_space_then_n_in_the_kernel(
@@ -168,7 +168,9 @@ fn first_in_user_space_then_n_in_the_kernel(
     );
     let tlv = V2Builder::proxy(client, to)
         .transport(Transport::Dgram)
-        .tlv(0x02, b"svc.example")
+        // 8 bytes: the header stays a whole number of words, as the kernel
+        // relays only such headers (one that is not goes to user space).
+        .tlv(0x01, b"dns/1")
         .build()?;
     for i in 0..n {
         let payload = format!("kernel {i}");
@@ -406,11 +408,9 @@ fn an_idle_flow_expires_after_close_after_in_both_directions_and_kernel_traffic_
     )?;
     assert_eq!(delta(&expired, &line, "udp_datagrams"), 1, "{line}");
     assert_eq!(counter(&line, "udp_flows_created"), 2, "{line}");
-    assert_unchanged(
-        &expired,
-        &line,
-        &["kernel_udp_relayed_in", "kernel_udp_relayed_out"],
-    );
+    // (Its answer may be the kernel's: the new flow is registered before its
+    // first datagram is sent on.)
+    assert_unchanged(&expired, &line, &["kernel_udp_relayed_in"]);
     Ok(())
 }
 
@@ -453,11 +453,7 @@ fn eviction_at_max_flows_removes_both_halves_from_the_kernel() -> Result<()> {
     assert_eq!(delta(&evicted, &line, "udp_datagrams"), 1, "{line}");
     assert_eq!(counter(&line, "udp_flows_created"), 3, "{line}");
     assert_eq!(counter(&line, "udp_flows_evicted"), 2, "{line}");
-    assert_unchanged(
-        &evicted,
-        &line,
-        &["kernel_udp_relayed_in", "kernel_udp_relayed_out"],
-    );
+    assert_unchanged(&evicted, &line, &["kernel_udp_relayed_in"]);
     Ok(())
 }
 

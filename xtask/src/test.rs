@@ -50,6 +50,8 @@ const UDP_TESTS: &[&str] = &[
     "udp_mix_gives_exact_series",
     "upstream_connections_reach_the_service_not_mmproxy",
     "udp_flow_answered_across_upgrades",
+    "a_target_on_mmproxys_own_socket_refuses_to_start",
+    "a_missing_capability_stops_start_up_with_one_line_naming_it",
 ];
 
 /// Prefix of every network namespace the end-to-end tests create (tests/src/netns.rs).
