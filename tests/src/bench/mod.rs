@@ -112,6 +112,12 @@ impl CpuUnit {
     pub fn machine_metric(self) -> String {
         format!("machine_cpu_{}", self.key)
     }
+
+    /// The machine's figure less the other processes' CPU in the interval: an
+    /// estimate of the benchmark's own share when the machine is shared.
+    pub fn less_others_metric(self) -> String {
+        format!("machine_less_others_cpu_{}", self.key)
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -438,6 +444,9 @@ fn measure(
             }
             if let Some(c) = used.others_s {
                 put("others_cpu_s", c);
+            }
+            if let (Some(m), Some(o)) = (used.machine_s, used.others_s) {
+                put(&unit.less_others_metric(), per_unit((m - o).max(0.0)));
             }
         }
         Ok(m)

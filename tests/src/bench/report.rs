@@ -40,6 +40,15 @@ impl Results {
         Some(self.machine_per_unit(config, w)? - self.machine_per_unit(NO_PROXY, w)?)
     }
 
+    /// The same, with both figures less the other processes' CPU.
+    pub fn extra_less_others(&self, config: &str, w: Workload) -> Option<f64> {
+        let m = w.cpu_unit()?.less_others_metric();
+        if config == NO_PROXY {
+            return None;
+        }
+        Some(self.get(config, w, &m)? - self.get(NO_PROXY, w, &m)?)
+    }
+
     /// Whether `config` was measured on `w` at all (not: a UDP-only configuration on
     /// a TCP workload).
     pub fn ran(&self, config: &str, w: Workload) -> bool {
