@@ -161,9 +161,15 @@ pub fn assess(args: &Args, held: Option<CapSet>, unprivileged_port_start: u16) -
         let caps = missing(&[Cap::Bpf, Cap::Perfmon, Cap::NetAdmin]);
         if !caps.is_empty() {
             let ranges = args.listen.iter().any(|l| l.is_range());
-            let required = ranges || args.ebpf == EbpfMode::On;
+            let udp_kernel = crate::preflight::kernel_udp_datapath(args);
+            let required = ranges || udp_kernel || args.ebpf == EbpfMode::On;
             let (needed_for, instead) = if ranges {
                 ("the kernel side (port ranges in -l)", None)
+            } else if udp_kernel {
+                (
+                    "the kernel side (--udp-datapath kernel)",
+                    Some("run with --udp-datapath socket"),
+                )
             } else if args.ebpf == EbpfMode::On {
                 ("the kernel side (--ebpf on)", Some("run with --ebpf off"))
             } else {
@@ -288,6 +294,19 @@ mod tests {
         let a = assess(&args(&["-l", "0.0.0.0:2000-2001"]), without(Cap::Bpf), 1024);
         assert_eq!(a.fatal[0].caps, [Cap::Bpf]);
         assert!(a.fatal[0].to_string().contains("port ranges"));
+        // ... or the kernel UDP datapath (tc programs: CAP_NET_ADMIN too).
+        let udp = args(&["-p", "udp", "--udp-datapath", "kernel"]);
+        let a = assess(&udp, without(Cap::NetAdmin), 1024);
+        let kernel = a
+            .fatal
+            .iter()
+            .find(|m| m.needed_for.contains("--udp-datapath kernel"))
+            .unwrap_or_else(|| panic!("{a:?}"));
+        assert_eq!(kernel.caps, [Cap::NetAdmin]);
+        assert!(kernel
+            .to_string()
+            .contains("or run with --udp-datapath socket"));
+        assert!(a.kernel_off.is_none());
         // A low port, as the unprivileged port start says.
         let low = args(&["-l", "0.0.0.0:443", "--ebpf", "off"]);
         let a = assess(&low, without(Cap::NetBindService), 1024);

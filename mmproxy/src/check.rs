@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::caps::{self, Cap};
-use crate::cli::{Args, EbpfMode, Protocol};
+use crate::cli::{Args, EbpfMode, Protocol, UdpDatapath};
 use crate::ebpf;
 use crate::netns_lease::DEFAULT_LOCK_DIR;
 use crate::preflight;
@@ -403,12 +403,37 @@ fn listener_rows(args: &Args, kernel_on: bool, r: &mut Report) {
         };
         r.row("listen", state, detail);
     }
+    if args.protocol == Protocol::Udp {
+        udp_datapath_row(args, kernel_on, r);
+    }
     if let Some(addr) = args.metrics {
         r.row(
             "metrics",
             State::Ok,
             format!("http://{addr}/metrics, /healthz, /readyz"),
         );
+    }
+}
+
+/// Who relays established UDP flows (`--udp-datapath`).
+fn udp_datapath_row(args: &Args, kernel_on: bool, r: &mut Report) {
+    match (args.udp_datapath, kernel_on) {
+        (UdpDatapath::Socket, _) => r.row(
+            "udp datapath",
+            State::Ok,
+            "socket: every datagram and answer through user space",
+        ),
+        (UdpDatapath::Kernel, true) => r.row(
+            "udp datapath",
+            State::Ok,
+            "kernel: tc relays established flows both ways, user space sees each flow's \
+             first datagram; relayed datagrams skip netfilter's OUTPUT/POSTROUTING",
+        ),
+        (UdpDatapath::Kernel, false) => r.row(
+            "udp datapath",
+            State::Fail,
+            "kernel: needs the kernel side, which is off or would not load (above)",
+        ),
     }
 }
 

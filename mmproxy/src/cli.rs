@@ -202,6 +202,14 @@ pub struct Args {
     #[arg(long = "ebpf", value_enum, default_value_t = EbpfMode::Auto)]
     pub ebpf: EbpfMode,
 
+    /// UDP datapath (-p udp): socket (every datagram through user space) or kernel
+    /// (established flows relayed both ways by tc programs, user space only for each
+    /// flow's first datagram; needs the kernel side). Kernel-relayed datagrams skip
+    /// netfilter's OUTPUT/POSTROUTING hooks (and conntrack/NAT there), which is why
+    /// it is opt-in
+    #[arg(long = "udp-datapath", value_enum, default_value_t = UdpDatapath::Socket)]
+    pub udp_datapath: UdpDatapath,
+
     /// Log line format
     #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -247,6 +255,16 @@ pub enum EbpfMode {
     Auto,
     On,
     Off,
+}
+
+/// `--udp-datapath`: who relays the datagrams of established UDP flows.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpDatapath {
+    /// Every datagram and answer through user space's sockets.
+    Socket,
+    /// tc programs relay established flows; user space sees each flow's first
+    /// datagram and whatever the kernel leaves to it.
+    Kernel,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -500,6 +518,14 @@ mod tests {
             a.allowed_subnets,
             Some(PathBuf::from("./path-prefixes.txt"))
         );
+    }
+
+    #[test]
+    fn udp_datapath_defaults_to_socket() {
+        assert_eq!(parse(&[]).udp_datapath, UdpDatapath::Socket);
+        let a = parse(&["-p", "udp", "--udp-datapath", "kernel"]);
+        assert_eq!(a.udp_datapath, UdpDatapath::Kernel);
+        assert!(Args::try_from_iter(["mmproxy", "--udp-datapath", "xdp"]).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use mmproxy_common::ListenRule;
 
 use crate::allowed_subnets::SharedAllowList;
-use crate::cli::{Args, EbpfMode};
+use crate::cli::{Args, EbpfMode, Protocol, UdpDatapath};
 
 /// What validation produced, for start-up to use as it is.
 #[derive(Debug)]
@@ -26,7 +26,23 @@ pub struct Validated {
 /// Whether a feature asked for cannot do without the kernel side (then `--ebpf
 /// auto` may not fall back to userspace).
 pub fn needs_kernel(args: &Args) -> bool {
-    args.listen.iter().any(|l| l.is_range())
+    kernel_needed_by(args).is_some()
+}
+
+/// What makes the kernel side required, for start-up's error when it cannot load.
+pub fn kernel_needed_by(args: &Args) -> Option<&'static str> {
+    if args.listen.iter().any(|l| l.is_range()) {
+        Some("port ranges in -l")
+    } else if kernel_udp_datapath(args) {
+        Some("--udp-datapath kernel")
+    } else {
+        None
+    }
+}
+
+/// `--udp-datapath kernel`: the tc programs relay established UDP flows.
+pub fn kernel_udp_datapath(args: &Args) -> bool {
+    args.udp_datapath == UdpDatapath::Kernel
 }
 
 /// The flags' combinations and the allowed-subnets file; an error names the flag
@@ -37,7 +53,13 @@ pub fn validate(args: &Args) -> Result<Validated> {
     if let Some(addr) = args.metrics {
         crate::metrics::check_listen_ranges(args, addr)?;
     }
+    if kernel_udp_datapath(args) && args.protocol != Protocol::Udp {
+        bail!("--udp-datapath kernel relays UDP flows: it needs -p udp");
+    }
     if args.ebpf == EbpfMode::Off {
+        if kernel_udp_datapath(args) {
+            bail!("--udp-datapath kernel needs the kernel side, but --ebpf off was given");
+        }
         if args.listen.iter().any(|l| l.is_range()) {
             bail!("port ranges in -l need the kernel side, but --ebpf off was given");
         }
@@ -90,12 +112,35 @@ mod tests {
                 &["-l", "0.0.0.0:9000-9100", "--metrics", "0.0.0.0:9090"],
                 "--metrics",
             ),
+            (&["--udp-datapath", "kernel"], "-p udp"),
+            (&["-p", "tcp", "--udp-datapath", "kernel"], "-p udp"),
+            (
+                &["-p", "udp", "--udp-datapath", "kernel", "--ebpf", "off"],
+                "--ebpf off",
+            ),
         ] {
             let e = validate(&args(flags)).unwrap_err();
             assert!(format!("{e:#}").contains(words), "{flags:?}: {e:#}");
         }
         assert!(validate(&args(&[])).unwrap().rules.is_some());
         assert!(validate(&args(&["--ebpf", "off"])).unwrap().rules.is_none());
+    }
+
+    #[test]
+    fn the_kernel_udp_datapath_makes_the_kernel_side_required() {
+        let kernel = args(&["-p", "udp", "--udp-datapath", "kernel"]);
+        assert!(validate(&kernel).unwrap().rules.is_some());
+        assert!(needs_kernel(&kernel), "--ebpf auto may not fall back");
+        assert_eq!(kernel_needed_by(&kernel), Some("--udp-datapath kernel"));
+        let on = args(&["-p", "udp", "--udp-datapath", "kernel", "--ebpf", "on"]);
+        assert!(validate(&on).is_ok());
+        assert!(!needs_kernel(&args(&["-p", "udp"])));
+        assert!(!needs_kernel(&args(&[
+            "-p",
+            "udp",
+            "--udp-datapath",
+            "socket"
+        ])));
     }
 
     #[test]

@@ -108,6 +108,9 @@ counters! {
     udp_replies_foreign,
     /// UDP answers that could not be sent back to the proxy.
     udp_reply_errors,
+    /// UDP flows (or changes of one) the kernel datapath did not take
+    /// (`--udp-datapath kernel`): relayed in user space instead.
+    udp_kernel_refused,
     /// Re-evaluations of the return path's interfaces after the host's links,
     /// addresses or routes changed (and the one at start-up).
     return_path_evaluations,

@@ -57,8 +57,7 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         flow_capacity: u32::try_from(args.max_connections.saturating_add(args.max_flows))
             .unwrap_or(u32::MAX)
             .min(1 << 22),
-        // TODO(#16, wip-daemon): from --udp-datapath.
-        udp_relay: false,
+        udp_relay: crate::preflight::kernel_udp_datapath(args),
         max_header_len: u32::try_from(args.max_header_len).unwrap_or(u32::MAX),
     };
     match KernelSide::load(&opts) {
@@ -69,6 +68,9 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
                 }
             }
             info!("kernel side attached: sk_lookup enforces allowed subnets before accept()");
+            if opts.udp_relay {
+                info!("UDP datapath: tc programs relay established flows (--udp-datapath kernel)");
+            }
             if !return_path.is_empty() {
                 let list = |s: &std::collections::BTreeSet<String>| {
                     s.iter().cloned().collect::<Vec<_>>().join(",")
@@ -93,7 +95,11 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         }
         Err(e) => {
             let hint = e.hint();
-            Err(anyhow::Error::new(e).context(format!("loading the kernel side ({hint})")))
+            let why = match crate::preflight::kernel_needed_by(args) {
+                Some(what) => format!("required by {what}; {hint}"),
+                None => hint.to_owned(),
+            };
+            Err(anyhow::Error::new(e).context(format!("loading the kernel side ({why})")))
         }
     }
 }

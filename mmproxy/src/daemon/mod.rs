@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::allowed_subnets::SharedAllowList;
 use crate::cli::{Args, Protocol};
-use crate::ebpf::FlowRegistry;
+use crate::ebpf::{FlowRegistry, UdpRelay};
 use crate::handoff::{self, ListenSet};
 use crate::metrics::Monitoring;
 use crate::routing::{self, RoutingPlan};
@@ -129,7 +129,18 @@ pub async fn run(args: Args) -> Result<()> {
         // Whenever the kernel side is loaded, not only when tc steers: sk_lookup also
         // consults the flow table, so that an answer to a client port inside a
         // wildcard listen range is not taken for a proxy's datagram.
-        Bound::Udp(groups) => serving.udp(groups, kernel.as_ref().map(lock).map(|k| k.flows()))?,
+        Bound::Udp(groups) => {
+            let (flows, relay) = match kernel.as_ref().map(lock) {
+                Some(k) => (Some(k.flows()), k.udp_relay()),
+                None => (None, None),
+            };
+            // Loaded at all with --udp-datapath kernel means loaded with the relay;
+            // never run weaker than asked.
+            if crate::preflight::kernel_udp_datapath(&args) && relay.is_none() {
+                anyhow::bail!("--udp-datapath kernel: the kernel side has no UDP relay");
+            }
+            serving.udp(groups, flows, relay)?
+        }
     };
     // Before the ready line: after an upgrade, ready means the old instance has
     // stopped accepting, and the offer to the next one is up.
@@ -336,10 +347,12 @@ impl Serving<'_> {
         &self,
         groups: Vec<Vec<std::net::UdpSocket>>,
         flows: Option<Arc<dyn FlowRegistry>>,
+        relay: Option<Arc<dyn UdpRelay>>,
     ) -> Result<Vec<String>> {
         udp::raise_nofile_limit(self.args.max_flows);
         let mut ctx = udp::UdpContext::from_args(self.args, self.stats.clone());
         ctx.upstream.flows = flows;
+        ctx.relay = relay;
         let ctx = Arc::new(ctx);
         let mut listening = Vec::new();
         for socket in groups.into_iter().flatten() {

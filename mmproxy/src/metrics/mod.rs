@@ -401,6 +401,13 @@ impl Collector for Metrics {
             None,
             load(&s.udp_flows_evicted),
         )?;
+        counter(
+            e,
+            "udp_flows_kernel_refused",
+            "UDP flows (or a flow's new destination) that --udp-datapath kernel could not hand to the kernel: relayed in user space instead.",
+            None,
+            load(&s.udp_kernel_refused),
+        )?;
         gauge(
             e,
             "udp_flows_open",

@@ -98,6 +98,7 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
     set(&s.return_path_evaluations, 35);
     set(&s.return_path_updates, 36);
     set(&s.return_path_errors, 37);
+    set(&s.udp_kernel_refused, 38);
     let text = scrape(&m);
     for (series, want) in [
         ("mmproxy_tcp_connections_accepted_total", 11.0),
@@ -215,6 +216,7 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
         ("mmproxy_return_path_evaluations_total", 35.0),
         ("mmproxy_return_path_updates_total", 36.0),
         ("mmproxy_return_path_errors_total", 37.0),
+        ("mmproxy_udp_flows_kernel_refused_total", 38.0),
     ] {
         assert_eq!(value(&text, series), Some(want), "{series}\n{text}");
     }
@@ -252,8 +254,9 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
             + 35
             + 36
             + 37
+            + 38
     );
-    assert_eq!(s.snapshot().len(), 30, "a new Stats counter needs a metric");
+    assert_eq!(s.snapshot().len(), 31, "a new Stats counter needs a metric");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! registration with the kernel side, and the task relaying its answers.
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU16, AtomicU64};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use socket2::Socket;
@@ -18,9 +18,10 @@ use crate::stats::Stats;
 use crate::transparent::{self, PortChoice, UpstreamError, UpstreamSocket};
 
 use super::answers::relay_answers;
+use super::kernel_relay::{Arrival, KernelHalf};
 use super::limits::LogLimit;
 use super::reply_socket::{Reply, ReplyKey};
-use super::UdpContext;
+use super::{Clock, UdpContext};
 
 /// A flow's identity: the proxy that sent it and the client the header names (`None`
 /// for LOCAL and other headers without a client: one flow per proxy address).
@@ -46,6 +47,9 @@ pub(super) struct FlowShared {
 /// One live flow, owned by its listener's table. Dropping it aborts the answer task,
 /// which drops the last reference to the upstream socket and so closes it.
 pub(super) struct Flow {
+    /// With `--udp-datapath kernel`: the flow's entries in the kernel, removed first
+    /// when the flow closes.
+    pub(super) kernel: Option<KernelHalf>,
     /// Kept so the descriptor stays open while the listener sends through `fd`.
     _socket: Arc<UdpSocket>,
     pub(super) fd: RawFd,
@@ -56,6 +60,16 @@ pub(super) struct Flow {
     /// Undone (after a short linger) when the flow closes.
     _registration: Option<FlowRegistration>,
     stats: Arc<Stats>,
+}
+
+impl Flow {
+    /// When the flow was last used outside the listener's sight: an answer relayed
+    /// by its task, or a datagram either way relayed by the kernel ([`Clock`] ms).
+    pub(super) fn last_active(&self, clock: &Clock) -> u64 {
+        let answered = self.shared.last_answer.load(Ordering::Relaxed);
+        let kernel = self.kernel.as_ref().map_or(0, |k| k.last_active(clock));
+        answered.max(kernel)
+    }
 }
 
 impl Drop for Flow {
@@ -73,11 +87,14 @@ pub(super) struct AnswerRoute {
     pub(super) reply_key: ReplyKey,
 }
 
-/// Opens the flow's upstream socket and starts its answer task.
+/// Opens the flow's upstream socket, hands it to the kernel datapath if that is on,
+/// and starts its answer task.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn open_flow(
     id: FlowId,
     target: UpstreamAddr,
     back: AnswerRoute,
+    arrival: &Arrival,
     listener: &Arc<UdpSocket>,
     ctx: &Arc<UdpContext>,
     log: &mut LogLimit,
@@ -93,6 +110,15 @@ pub(super) fn open_flow(
         (Some(flows), Some(client)) => register(flows, &socket, client, target, log, now),
         _ => None,
     };
+    // After the registration above (sk_lookup and the return path know the flow),
+    // before the first datagram is sent.
+    let kernel = id
+        .client
+        .filter(|_| ctx.relay.is_some())
+        .and_then(|client| {
+            let bound = transparent::bound_addr(&socket, client);
+            KernelHalf::open(ctx, arrival, client, bound, target, log, now)
+        });
     let socket = Arc::new(UdpSocket::from_std(socket.into()).map_err(UpstreamError::Register)?);
     let shared = Arc::new(FlowShared {
         last_answer: AtomicU64::new(0),
@@ -109,6 +135,7 @@ pub(super) fn open_flow(
     .abort_handle();
     Stats::inc(&ctx.stats.udp_flows_active);
     Ok(Flow {
+        kernel,
         fd: socket.as_raw_fd(),
         _socket: socket,
         shared,

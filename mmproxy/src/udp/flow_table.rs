@@ -164,6 +164,32 @@ impl<K: Hash + Eq + Copy, V> FlowTable<K, V> {
         }
     }
 
+    /// For a full table about to evict: moves up to `looks` flows at the tail that
+    /// `activity` says were used after the table last saw them to the front, with
+    /// that time, stopping at the first that was not. The eviction that follows
+    /// then picks a flow idle by `activity` too, unless all `looks` were busy (each
+    /// look may cost the caller a lookup, hence the bound). As in
+    /// [`FlowTable::expire`], a flow moved this way may sit in front of flows used
+    /// later than it.
+    pub fn refresh_tail(&mut self, looks: usize, activity: impl Fn(&V) -> u64) {
+        for _ in 0..looks.min(self.len()) {
+            let i = self.tail;
+            let Some(slot) = self.slots.get_mut(i) else {
+                return;
+            };
+            let Some((_, v)) = slot.entry.as_ref() else {
+                return;
+            };
+            let seen = activity(v);
+            if seen <= slot.last_used {
+                return;
+            }
+            slot.last_used = seen;
+            self.unlink(i);
+            self.push_front(i);
+        }
+    }
+
     /// Every flow, in no particular order (for shutdown and tests).
     pub fn drain(&mut self) -> impl Iterator<Item = (K, V)> + '_ {
         self.index.clear();
@@ -308,6 +334,29 @@ mod tests {
         t.expire(141, 50, |v| v.get(), |k, _| gone.push(k));
         gone.sort();
         assert_eq!(gone, [1, 2]);
+    }
+
+    #[test]
+    fn refreshing_the_tail_spares_flows_busy_elsewhere() {
+        let mut t = FlowTable::new(3);
+        let seen: [Cell<u64>; 4] = Default::default();
+        for k in 0..3u32 {
+            t.insert(k, k as usize, u64::from(k));
+        }
+        // 0 and 1 were busy elsewhere at 50 and 60; 2 was not.
+        seen[0].set(50);
+        seen[1].set(60);
+        let activity = |v: &usize| seen[*v].get();
+        t.refresh_tail(8, activity);
+        assert_eq!(keys(&t), [1, 0, 2], "stops at 2, idle by both measures");
+        assert_eq!(t.insert(3, 3, 70), Some((2, 2)));
+        // Only `looks` flows are looked at: the one after them is evicted.
+        seen[3].set(80);
+        seen[0].set(90);
+        seen[1].set(95);
+        t.refresh_tail(1, activity);
+        assert_eq!(keys(&t), [0, 3, 1]);
+        assert_eq!(t.insert(9, 2, 100), Some((1, 1)));
     }
 
     #[test]

@@ -46,6 +46,7 @@ mod batch;
 pub mod cmsg;
 mod flow;
 pub mod flow_table;
+mod kernel_relay;
 mod limits;
 mod receive;
 mod reply_socket;
@@ -55,6 +56,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cli::Args;
+use crate::ebpf::UdpRelay;
 use crate::proxy_protocol::DecodeOptions;
 use crate::stats::Stats;
 use crate::transparent::Upstream;
@@ -80,6 +82,9 @@ pub struct UdpContext {
     /// The decoder's limits (v2 DGRAM only).
     pub header: DecodeOptions,
     pub stats: Arc<Stats>,
+    /// `--udp-datapath kernel`: where flows with a client are handed to the tc
+    /// programs after their first datagram ([`kernel_relay`]).
+    pub relay: Option<Arc<dyn UdpRelay>>,
     clock: Clock,
 }
 
@@ -98,6 +103,7 @@ impl UdpContext {
             flows_per_listener: (args.max_flows / sockets).max(1),
             header: DecodeOptions::datagram().with_max_header_len(args.max_header_len),
             stats,
+            relay: None,
             clock: Clock::new(),
         }
     }
@@ -116,14 +122,45 @@ impl UdpContext {
 /// Milliseconds since the daemon started: one clock for the listener's table and the
 /// flows' answer tasks, small enough for an atomic.
 #[derive(Clone, Copy, Debug)]
-struct Clock(Instant);
+struct Clock {
+    start: Instant,
+    /// CLOCK_MONOTONIC at `start`, to put the kernel's `bpf_ktime_get_ns()` times on
+    /// this clock ([`Clock::ms_of_monotonic`]).
+    monotonic_start: Duration,
+}
 
 impl Clock {
     fn new() -> Self {
-        Clock(Instant::now())
+        // Instant is CLOCK_MONOTONIC on Linux, so reading both together fixes the
+        // offset between them once.
+        let monotonic_start = monotonic_now();
+        Clock {
+            start: Instant::now(),
+            monotonic_start,
+        }
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
+
+    /// A CLOCK_MONOTONIC time as [`Clock::now_ms`] counts (0 before the start).
+    fn ms_of_monotonic(&self, t: Duration) -> u64 {
+        u64::try_from(t.saturating_sub(self.monotonic_start).as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// CLOCK_MONOTONIC now (zero if it cannot be read, which Linux never refuses).
+fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u32::try_from(ts.tv_nsec).unwrap_or(0);
+    Duration::new(secs, nanos)
 }

@@ -24,12 +24,16 @@ use crate::stats::Stats;
 use super::batch::{self, Received, RecvBatch, SendBatch, MAX_DATAGRAM};
 use super::flow::{open_flow, AnswerRoute, Flow, FlowId};
 use super::flow_table::FlowTable;
+use super::kernel_relay::Arrival;
 use super::limits::LogLimit;
 use super::reply_socket::{reply_for, ReplyKey, ReplySockets};
 use super::{UdpContext, ERROR_PAUSE};
 
 /// Datagrams moved per recvmmsg/sendmmsg call on a listening socket.
 const LISTENER_BATCH: usize = 32;
+/// Flows at the tail of a full table whose kernel activity is read before one is
+/// evicted (`--udp-datapath kernel`; each look is two map lookups).
+const EVICTION_LOOKS: usize = 8;
 /// Receive buffer asked for on listening sockets: bursts from a balancer arrive
 /// faster than flows are set up, and the 208 KiB default holds ~300 small datagrams.
 const LISTENER_RCVBUF: usize = 4 << 20;
@@ -273,11 +277,19 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             proxy: admitted.proxy,
             client,
         };
-        let reply_key = ReplyKey {
-            local: d.local,
-            orig_dst: d.orig_dst,
+        let arrival = Arrival {
+            source: admitted.source,
+            reply_key: ReplyKey {
+                local: d.local,
+                orig_dst: d.orig_dst,
+            },
+            listening_port: self.local_port,
+            header_dst: match admitted.endpoints {
+                Endpoints::Proxied { destination, .. } => Some(destination),
+                Endpoints::Local => None,
+            },
         };
-        let fd = self.flow_fd(id, target, admitted.source, reply_key, out, now)?;
+        let fd = self.flow_fd(id, target, &arrival, out, now)?;
         Some((fd, target, admitted.payload))
     }
 
@@ -327,8 +339,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
         &mut self,
         id: FlowId,
         target: UpstreamAddr,
-        source: SocketAddr,
-        reply_key: ReplyKey,
+        arrival: &Arrival,
         out: &mut ToUpstream<'_, '_>,
         now: u64,
     ) -> Option<RawFd> {
@@ -336,15 +347,19 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             follow_latest_datagram(
                 flow,
                 target,
-                reply_key,
+                arrival.reply_key,
                 self.local_port,
                 &mut self.replies,
                 &mut self.log,
                 now,
             );
+            if let (Some(kernel), Some(client)) = (flow.kernel.as_mut(), id.client) {
+                kernel.follow(&self.ctx, arrival, client, target, &mut self.log, now);
+            }
             return Some(flow.fd);
         }
         out.flush(&self.ctx.stats, &mut self.log, now);
+        let reply_key = arrival.reply_key;
         let reply = reply_for(
             reply_key,
             self.local_port,
@@ -353,7 +368,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             now,
         );
         let back = AnswerRoute {
-            proxy: source,
+            proxy: arrival.source,
             reply,
             reply_key,
         };
@@ -362,6 +377,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             id,
             target,
             back,
+            arrival,
             &self.socket,
             &self.ctx,
             &mut self.log,
@@ -382,6 +398,13 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
         Stats::inc(&stats.udp_flows_created);
         debug!(target: CONN_TARGET, peer = %id.proxy, client = %Shown(id.client),
                upstream = %target, "UDP flow created");
+        if self.ctx.relay.is_some() && self.table.len() >= self.table.capacity() {
+            // Kernel-relayed traffic never touches the table: the least recently
+            // used flow by the table may be busy in the kernel.
+            let clock = self.ctx.clock;
+            self.table
+                .refresh_tail(EVICTION_LOOKS, |flow| flow.last_active(&clock));
+        }
         if let Some((old, _flow)) = self.table.insert(id, flow, now) {
             Stats::inc(&stats.udp_flows_evicted);
             if self.log.allow(now) {
@@ -398,10 +421,11 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
         let now = self.ctx.clock.now_ms();
         let stats = &*self.ctx.stats;
         let idle = self.ctx.idle_ms();
+        let clock = self.ctx.clock;
         self.table.expire(
             now,
             idle,
-            |flow| flow.shared.last_answer.load(Ordering::Relaxed),
+            |flow| flow.last_active(&clock),
             |id, flow| {
                 Stats::inc(&stats.udp_flows_expired);
                 debug!(target: CONN_TARGET, peer = %id.proxy, client = %Shown(id.client),
@@ -507,6 +531,7 @@ mod tests {
             flows_per_listener: 4,
             header: DecodeOptions::datagram(),
             stats: Arc::new(Stats::default()),
+            relay: None,
             clock: super::super::Clock::new(),
         }
     }

@@ -1,0 +1,380 @@
+//! The UDP proxy's half of `--udp-datapath kernel`, against a fake kernel that
+//! records what it is given.
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::ebpf::RelayError;
+use crate::proxy_protocol::DecodeOptions;
+use crate::transparent::Upstream;
+use crate::udp::cmsg::LocalDst;
+use crate::udp::flow_table::FlowTable;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    Add(RelayFlow),
+    Remove(RelayFlow),
+}
+
+/// Records adds and removes; `last_active` as set per client address.
+#[derive(Debug, Default)]
+pub(crate) struct FakeRelay {
+    pub(crate) events: Mutex<Vec<Event>>,
+    pub(crate) active: Mutex<HashMap<SocketAddr, Duration>>,
+    pub(crate) refuse: AtomicBool,
+}
+
+impl FakeRelay {
+    pub(crate) fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// The flows added and not removed since.
+    pub(crate) fn live(&self) -> Vec<RelayFlow> {
+        let mut live = Vec::new();
+        for e in self.events() {
+            match e {
+                Event::Add(f) => live.push(f),
+                Event::Remove(f) => live.retain(|l| *l != f),
+            }
+        }
+        live
+    }
+
+    pub(crate) fn set_active(&self, client: SocketAddr, at: Duration) {
+        self.active.lock().unwrap().insert(client, at);
+    }
+}
+
+impl UdpRelay for FakeRelay {
+    fn add(&self, flow: &RelayFlow) -> Result<(), RelayError> {
+        if self.refuse.load(Ordering::Relaxed) {
+            return Err(RelayError::NoRoute(flow.target));
+        }
+        self.events.lock().unwrap().push(Event::Add(*flow));
+        Ok(())
+    }
+
+    fn remove(&self, flow: &RelayFlow) {
+        self.events.lock().unwrap().push(Event::Remove(*flow));
+    }
+
+    fn last_active(&self, flow: &RelayFlow) -> Option<Duration> {
+        self.active.lock().unwrap().get(&flow.client).copied()
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+pub(crate) fn ctx_with(relay: &Arc<FakeRelay>, target_port: u16) -> UdpContext {
+    let relay: Arc<dyn UdpRelay> = relay.clone();
+    UdpContext {
+        upstream: Upstream::loopback(Some(target_port), Some(target_port)),
+        mark: 0x17,
+        idle: Duration::from_secs(1),
+        flows_per_listener: 4,
+        header: DecodeOptions::datagram(),
+        stats: Arc::new(Stats::default()),
+        relay: Some(relay),
+        clock: Clock::new(),
+    }
+}
+
+/// A datagram from 192.0.2.1:5000 to 192.0.2.2 (interface 7), sent to port `port`
+/// of a listener on 8443, with a header from `client` to 203.0.113.5:443.
+fn arrival(port: Option<u16>) -> Arrival {
+    let local: IpAddr = "192.0.2.2".parse().unwrap();
+    Arrival {
+        source: addr("192.0.2.1:5000"),
+        reply_key: ReplyKey {
+            local: Some(LocalDst {
+                addr: local,
+                ifindex: 7,
+            }),
+            orig_dst: port.map(|p| SocketAddr::new(local, p)),
+        },
+        listening_port: 8443,
+        header_dst: Some(OrigDstAddr(addr("203.0.113.5:443"))),
+    }
+}
+
+const CLIENT: &str = "198.51.100.9:41000";
+
+fn open(ctx: &UdpContext, arrival: &Arrival) -> Option<KernelHalf> {
+    let client = ClientAddr(addr(CLIENT));
+    let target = UpstreamAddr(addr("127.0.0.1:9000"));
+    KernelHalf::open(
+        ctx,
+        arrival,
+        client,
+        client.0,
+        target,
+        &mut LogLimit::default(),
+        0,
+    )
+}
+
+#[test]
+fn proxy_flows_are_registered_with_what_the_kernel_matches_and_local_ones_not() {
+    let relay = Arc::new(FakeRelay::default());
+    let ctx = ctx_with(&relay, 9000);
+    let half = open(&ctx, &arrival(None)).unwrap();
+    let want = RelayFlow {
+        proxy: addr("192.0.2.1:5000"),
+        // No ORIGDSTADDR: the listening socket's own port.
+        local: addr("192.0.2.2:8443"),
+        ifindex: 7,
+        client: addr(CLIENT),
+        orig_dst: addr("203.0.113.5:443"),
+        bound: addr(CLIENT),
+        target: addr("127.0.0.1:9000"),
+        mark: 0x17,
+    };
+    assert_eq!(half.registered(), Some(&want));
+    assert_eq!(relay.events(), [Event::Add(want)]);
+    drop(half);
+    assert_eq!(relay.events(), [Event::Add(want), Event::Remove(want)]);
+
+    // A port of a range: the port the proxy sent to.
+    let half = open(&ctx, &arrival(Some(8450))).unwrap();
+    assert_eq!(half.registered().unwrap().local, addr("192.0.2.2:8450"));
+
+    // LOCAL (no header addresses): nothing for the kernel.
+    let mut local = arrival(None);
+    local.header_dst = None;
+    assert!(open(&ctx, &local).is_none());
+    // The socket datapath: nothing either.
+    let mut socket = ctx_with(&relay, 9000);
+    socket.relay = None;
+    assert!(open(&socket, &arrival(None)).is_none());
+    assert_eq!(relay.live().len(), 1, "{:?}", relay.events());
+    assert_eq!(ctx.stats.udp_kernel_refused.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_new_destination_port_replaces_the_registration() {
+    let relay = Arc::new(FakeRelay::default());
+    let ctx = ctx_with(&relay, 9000);
+    let mut half = open(&ctx, &arrival(None)).unwrap();
+    let first = *half.registered().unwrap();
+    let client = ClientAddr(addr(CLIENT));
+    let target = UpstreamAddr(addr("127.0.0.1:9000"));
+    let mut log = LogLimit::default();
+    // The same destination again (a punted datagram): nothing changes.
+    half.follow(&ctx, &arrival(None), client, target, &mut log, 1);
+    assert_eq!(relay.events().len(), 1);
+    // Another port: the old entries go before the new ones come (they share the
+    // answers' key).
+    half.follow(&ctx, &arrival(Some(8444)), client, target, &mut log, 2);
+    let second = *half.registered().unwrap();
+    assert_eq!(second.local, addr("192.0.2.2:8444"));
+    assert_eq!(
+        relay.events(),
+        [Event::Add(first), Event::Remove(first), Event::Add(second)]
+    );
+    // Another target port (taken from the header): replaced too.
+    let target2 = UpstreamAddr(addr("127.0.0.1:9001"));
+    half.follow(&ctx, &arrival(Some(8444)), client, target2, &mut log, 3);
+    assert_eq!(half.registered().unwrap().target, target2.0);
+    assert_eq!(relay.live(), [*half.registered().unwrap()]);
+}
+
+#[test]
+fn a_refused_flow_is_counted_once_and_goes_on_in_user_space() {
+    let relay = Arc::new(FakeRelay::default());
+    relay.refuse.store(true, Ordering::Relaxed);
+    let ctx = ctx_with(&relay, 9000);
+    let mut half = open(&ctx, &arrival(None)).unwrap();
+    assert!(half.registered().is_none());
+    let refused = || ctx.stats.udp_kernel_refused.load(Ordering::Relaxed);
+    assert_eq!(refused(), 1);
+    let client = ClientAddr(addr(CLIENT));
+    let target = UpstreamAddr(addr("127.0.0.1:9000"));
+    let mut log = LogLimit::default();
+    // Not offered again while nothing changed.
+    half.follow(&ctx, &arrival(None), client, target, &mut log, 1);
+    assert_eq!(refused(), 1);
+    // Offered again once something did, and taken.
+    relay.refuse.store(false, Ordering::Relaxed);
+    half.follow(&ctx, &arrival(Some(8444)), client, target, &mut log, 2);
+    assert!(half.registered().is_some());
+    assert_eq!(refused(), 1);
+    // Without PKTINFO the flow cannot be described: refused, counted.
+    let mut blind = arrival(None);
+    blind.reply_key.local = None;
+    assert!(open(&ctx, &blind).unwrap().registered().is_none());
+    assert_eq!(refused(), 2);
+}
+
+/// The sweep and the eviction read activity as the listener does
+/// (`Flow::last_active`, here on the kernel half alone).
+#[test]
+fn kernel_activity_keeps_a_flow_alive_and_expiry_and_eviction_remove_it() {
+    let relay = Arc::new(FakeRelay::default());
+    let mut ctx = ctx_with(&relay, 9000);
+    // The daemon started at CLOCK_MONOTONIC 1000 s.
+    ctx.clock.monotonic_start = Duration::from_secs(1000);
+    let clock = ctx.clock;
+    let activity = |k: &KernelHalf| k.last_active(&clock);
+    let mut table = FlowTable::new(2);
+    let flow = |client: &str| {
+        let c = ClientAddr(addr(client));
+        KernelHalf::open(
+            &ctx,
+            &arrival(None),
+            c,
+            c.0,
+            UpstreamAddr(addr("127.0.0.1:9000")),
+            &mut LogLimit::default(),
+            0,
+        )
+        .unwrap()
+    };
+    let (a, b, c) = (
+        addr("198.51.100.1:1"),
+        addr("198.51.100.2:2"),
+        addr("198.51.100.3:3"),
+    );
+    table.insert(1, flow("198.51.100.1:1"), 0);
+    table.insert(2, flow("198.51.100.2:2"), 100);
+    let idle = 1000;
+    // Flow 1, last seen by the table at 0, was relayed by the kernel at 1000 s +
+    // 1.5 s: alive at 2 s although --close-after is 1 s. Flow 2 was idle all along
+    // (kernel and table): it goes, both halves with it.
+    relay.set_active(a, Duration::from_millis(1_001_500));
+    let mut gone = Vec::new();
+    table.expire(2000, idle, activity, |k, v| gone.push((k, v)));
+    assert_eq!(gone.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [2]);
+    drop(gone);
+    let live: Vec<_> = relay.live().iter().map(|f| f.client).collect();
+    assert_eq!(live, [a]);
+    assert_eq!(table.len(), 1);
+
+    // Eviction: the table's least recently used (1, seen at 0 by the table) is busy
+    // in the kernel; 3 is the really idle one and goes when 4 comes.
+    table.insert(3, flow("198.51.100.3:3"), 2700);
+    relay.set_active(a, Duration::from_millis(1_002_800));
+    table.refresh_tail(8, activity);
+    let evicted = table.insert(4, flow("198.51.100.4:4"), 2900);
+    assert_eq!(evicted.as_ref().map(|(k, _)| *k), Some(3));
+    drop(evicted);
+    let live: Vec<_> = relay.live().iter().map(|f| f.client).collect();
+    assert!(!live.contains(&c) && !live.contains(&b), "{live:?}");
+    assert!(live.contains(&a), "{live:?}");
+    // Once the kernel is idle too, expiry takes it.
+    let mut gone = Vec::new();
+    table.expire(10_000, idle, activity, |k, _| gone.push(k));
+    gone.sort();
+    assert_eq!(gone, [1, 4]);
+    assert!(relay.live().is_empty(), "{:?}", relay.events());
+}
+
+#[test]
+fn kernel_times_are_put_on_the_listeners_clock() {
+    let clock = Clock::new();
+    let now = super::super::monotonic_now();
+    let ms = clock.ms_of_monotonic(now);
+    assert!(ms <= clock.now_ms() + 1, "{ms} vs {}", clock.now_ms());
+    assert_eq!(clock.ms_of_monotonic(Duration::ZERO), 0);
+}
+
+/// Waits (bounded) until `done` holds; panics with `what` otherwise.
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The whole listener path with the fake kernel, in a network namespace of its own
+/// (transparent upstream sockets bound to a documentation client address): a PROXY
+/// flow is registered before its first datagram leaves, with the interface and the
+/// address the proxy sent to; a datagram to another local address moves the
+/// registration; a LOCAL flow is never registered; closing the listener takes
+/// every registration back.
+#[test]
+fn the_listener_hands_proxy_flows_to_the_kernel_and_takes_them_back() {
+    crate::testing::in_netns("udp_kernel_relay_listener", |_, _| async move {
+        use crate::proxy_protocol::{Transport, V2Builder};
+        use tokio_util::sync::CancellationToken;
+
+        let relay = Arc::new(FakeRelay::default());
+        // Nothing listens on the target: the datagrams are sent and lost.
+        let ctx = Arc::new(ctx_with(&relay, 9));
+        let mut sockets = crate::udp::bind_udp(addr("0.0.0.0:0"), 1).unwrap();
+        let port = sockets[0].local_addr().unwrap().port();
+        let socket = tokio::net::UdpSocket::from_std(sockets.remove(0)).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(crate::udp::serve_udp(
+            socket,
+            ctx.clone(),
+            |_| true,
+            shutdown.clone(),
+        ));
+        let proxy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = proxy.local_addr().unwrap();
+        let mut dgram = V2Builder::proxy(addr(CLIENT), addr("203.0.113.5:443"))
+            .transport(Transport::Dgram)
+            .build()
+            .unwrap();
+        dgram.extend_from_slice(b"first");
+        let sent = || ctx.stats.udp_datagrams_sent.load(Ordering::Relaxed);
+
+        proxy
+            .send_to(&dgram, SocketAddr::new("127.0.0.1".parse().unwrap(), port))
+            .await
+            .unwrap();
+        wait_for("the first datagram sent", || sent() == 1).await;
+        // SAFETY: a NUL-terminated string.
+        let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+        assert_ne!(lo, 0);
+        let first = RelayFlow {
+            proxy: from,
+            local: SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+            ifindex: lo,
+            client: addr(CLIENT),
+            orig_dst: addr("203.0.113.5:443"),
+            bound: addr(CLIENT),
+            target: addr("127.0.0.1:9"),
+            mark: 0x17,
+        };
+        assert_eq!(relay.events(), [Event::Add(first)]);
+
+        // The same flow sent to another local address: the kernel follows.
+        proxy
+            .send_to(&dgram, SocketAddr::new("127.0.0.2".parse().unwrap(), port))
+            .await
+            .unwrap();
+        wait_for("the second datagram sent", || sent() == 2).await;
+        let second = RelayFlow {
+            local: SocketAddr::new("127.0.0.2".parse().unwrap(), port),
+            ..first
+        };
+        assert_eq!(
+            relay.events(),
+            [Event::Add(first), Event::Remove(first), Event::Add(second)]
+        );
+
+        // LOCAL: a flow of its own, in user space only.
+        let mut local = V2Builder::local().build().unwrap();
+        local.extend_from_slice(b"health");
+        proxy
+            .send_to(&local, SocketAddr::new("127.0.0.1".parse().unwrap(), port))
+            .await
+            .unwrap();
+        wait_for("the LOCAL datagram sent", || sent() == 3).await;
+        assert_eq!(ctx.stats.udp_flows_created.load(Ordering::Relaxed), 2);
+        assert_eq!(relay.live(), [second]);
+
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(relay.live().is_empty(), "{:?}", relay.events());
+        assert_eq!(ctx.stats.udp_kernel_refused.load(Ordering::Relaxed), 0);
+    });
+}
