@@ -143,6 +143,13 @@ impl Config {
                         ))
                         .into());
                     }
+                    Err(e) if format!("{e:#}").contains(NO_KERNEL_RELAY) => {
+                        return Err(Unsupported(format!(
+                            "this mmproxy has the flag, its kernel side no UDP relay ({})",
+                            self.extra_args.join(" ")
+                        ))
+                        .into());
+                    }
                     Err(e) if format!("{e:#}").contains("not implemented") => {
                         let line = format!("{e:#}")
                             .lines()
@@ -233,6 +240,10 @@ pub fn kernel_share(line: &str, m: &mut std::collections::BTreeMap<String, f64>)
         );
     }
 }
+
+/// mmproxy's refusal when it knows `--udp-datapath kernel` but was built without the
+/// BPF programs behind it (a branch with the flag and not the kernel side).
+const NO_KERNEL_RELAY: &str = "--udp-datapath kernel: the kernel side has no UDP relay";
 
 /// Whether mmproxy refused to start because it does not know one of `extra`'s
 /// flags (clap: "unexpected argument '--flag' found"): a build from before the
