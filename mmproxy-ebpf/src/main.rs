@@ -13,8 +13,20 @@
 //! routing them out; answers generated on this host are also redirected into `lo`,
 //! since a mark set after the output route lookup cannot change that route any more.
 //! Packets that are not answers of live flows are never modified.
+//!
+//! With `--udp-datapath kernel` (`Config::udp_relay`) established UDP flows are
+//! relayed in both directions by tc programs: [`relay_in`] on the interfaces
+//! balancer datagrams arrive on, [`relay_out`] first in every program that sees
+//! answers (and alone on `lo` egress). Both halves live in `UDP_RELAY`.
 #![no_std]
 #![no_main]
+
+mod parse;
+mod proxy_v2;
+mod relay;
+mod relay_in;
+mod relay_out;
+mod rewrite;
 
 use aya_ebpf::{
     bindings::{
@@ -23,15 +35,18 @@ use aya_ebpf::{
     },
     helpers::bpf_redirect,
     macros::{classifier, map, sk_lookup},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use core::ptr::read_volatile;
 use mmproxy_common::{
-    Config, Counter, FlowKey, ListenRule, COUNTER_SLOTS, FAMILY_V4, FAMILY_V6, MAX_ALLOWED_SUBNETS,
-    MAX_FLOWS, MAX_LISTENERS, MAX_LISTEN_RULES, PROTO_TCP, PROTO_UDP, RULE_ANY_ADDR, RULE_STEER,
+    Config, Counter, FlowKey, ListenRule, RelayAction, RelayKey, COUNTER_SLOTS, FAMILY_V4,
+    FAMILY_V6, MAX_ALLOWED_SUBNETS, MAX_FLOWS, MAX_LISTENERS, MAX_LISTEN_RULES, MAX_RELAY_ENTRIES,
+    PROTO_TCP, PROTO_UDP, RULE_ANY_ADDR, RULE_STEER,
 };
+use relay::Verdict;
+use relay_out::relay_out;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -58,6 +73,22 @@ static LISTENERS: SockMap = SockMap::with_max_entries(MAX_LISTENERS, 0);
 /// holds far fewer entries than its capacity.
 #[map]
 static FLOWS: HashMap<FlowKey, u8> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
+
+/// Both halves of every UDP flow the kernel relays (`--udp-datapath kernel`). An LRU
+/// so a full table drops the least recently relayed flow's half (which then goes
+/// through user space again) rather than refusing new flows.
+#[map]
+static UDP_RELAY: LruHashMap<RelayKey, RelayAction> =
+    LruHashMap::with_max_entries(MAX_RELAY_ENTRIES, 0);
+
+/// Per-CPU room for the packet being relayed (parse.rs).
+#[map]
+static PACKET: PerCpuArray<parse::UdpPacket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for the bytes the inbound relay checksums and moves.
+#[map]
+static SCRATCH: PerCpuArray<[u8; proxy_v2::MAX_RELAYED_HEADER]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 #[sk_lookup]
 pub fn mmproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -139,7 +170,13 @@ fn decide(ctx: &SkLookupContext) -> u32 {
     let Some(config) = CONFIG.get(0) else {
         return SK_PASS;
     };
-    let Some(rule) = matching_rule(&lookup, config.rule_count) else {
+    let Some(rule) = matching_rule(
+        lookup.family,
+        lookup.protocol,
+        &lookup.local,
+        lookup.local_port,
+        config.rule_count,
+    ) else {
         return SK_PASS;
     };
     // A service's answer to one of mmproxy's UDP upstream sockets can match a
@@ -160,7 +197,7 @@ fn decide(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
 
-    if config.filter_enabled != 0 && !source_allowed(&lookup) {
+    if config.filter_enabled != 0 && !source_allowed(lookup.family, &lookup.remote) {
         if lookup.family == FAMILY_V4 {
             count(Counter::RefusedV4);
             debug!(
@@ -207,7 +244,14 @@ fn decide(ctx: &SkLookupContext) -> u32 {
     SK_PASS
 }
 
-fn matching_rule(lookup: &Lookup, rule_count: u32) -> Option<&'static ListenRule> {
+/// The first listen rule covering `local`:`local_port` (host order).
+fn matching_rule(
+    family: u8,
+    protocol: u8,
+    local: &[u8; 16],
+    local_port: u16,
+    rule_count: u32,
+) -> Option<&'static ListenRule> {
     let n = if rule_count < MAX_LISTEN_RULES {
         rule_count
     } else {
@@ -215,13 +259,13 @@ fn matching_rule(lookup: &Lookup, rule_count: u32) -> Option<&'static ListenRule
     };
     for i in 0..n {
         let rule = LISTEN_RULES.get(i)?;
-        if rule.family != lookup.family || rule.protocol != lookup.protocol {
+        if rule.family != family || rule.protocol != protocol {
             continue;
         }
-        if lookup.local_port < rule.port_lo || lookup.local_port > rule.port_hi {
+        if local_port < rule.port_lo || local_port > rule.port_hi {
             continue;
         }
-        if rule.flags & RULE_ANY_ADDR == 0 && rule.addr != lookup.local {
+        if rule.flags & RULE_ANY_ADDR == 0 && rule.addr != *local {
             continue;
         }
         return Some(rule);
@@ -229,17 +273,12 @@ fn matching_rule(lookup: &Lookup, rule_count: u32) -> Option<&'static ListenRule
     None
 }
 
-fn source_allowed(lookup: &Lookup) -> bool {
-    if lookup.family == FAMILY_V4 {
-        let addr = [
-            lookup.remote[0],
-            lookup.remote[1],
-            lookup.remote[2],
-            lookup.remote[3],
-        ];
+fn source_allowed(family: u8, remote: &[u8; 16]) -> bool {
+    if family == FAMILY_V4 {
+        let addr = [remote[0], remote[1], remote[2], remote[3]];
         ALLOWED_V4.get(Key::new(32, addr)).is_some()
     } else {
-        ALLOWED_V6.get(Key::new(128, lookup.remote)).is_some()
+        ALLOWED_V6.get(Key::new(128, *remote)).is_some()
     }
 }
 
@@ -279,6 +318,9 @@ pub fn mmproxy_tc_egress(ctx: TcContext) -> i32 {
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_UNSPEC;
     };
+    if let Verdict::Done(action) = relay_out(&ctx, config) {
+        return action;
+    }
     if !is_live_answer(&ctx) {
         return TC_ACT_UNSPEC;
     }
@@ -299,6 +341,9 @@ pub fn mmproxy_tc_ingress(ctx: TcContext) -> i32 {
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_UNSPEC;
     };
+    if let Verdict::Done(action) = relay_out(&ctx, config) {
+        return action;
+    }
     if is_live_answer(&ctx) {
         ctx.set_mark(config.return_mark);
         count(Counter::ReturnMarked);

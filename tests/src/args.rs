@@ -8,6 +8,42 @@ use crate::unprivileged::Privileges;
 /// The daemon's variable that makes its BPF loading fail (mmproxy::ebpf::FAIL_ENV).
 pub const FAIL_BPF_ENV: &str = "MMPROXY_TEST_FAIL_BPF";
 
+/// `MMPROXY_TEST_UDP_DATAPATH=kernel`: every `-p udp` daemon that runs with the
+/// kernel side gets `--udp-datapath kernel` (the UDP pass of `cargo xtask test`),
+/// unless the test chose a datapath itself.
+pub const UDP_DATAPATH_ENV: &str = "MMPROXY_TEST_UDP_DATAPATH";
+
+/// The `--udp-datapath` flag's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpDatapath {
+    Socket,
+    Kernel,
+}
+
+impl UdpDatapath {
+    fn arg(self) -> &'static str {
+        match self {
+            UdpDatapath::Socket => "socket",
+            UdpDatapath::Kernel => "kernel",
+        }
+    }
+
+    /// What [`UDP_DATAPATH_ENV`] asks for in this run: `None` when unset.
+    pub fn from_env() -> Option<Self> {
+        match std::env::var(UDP_DATAPATH_ENV).as_deref() {
+            Ok("kernel") => Some(UdpDatapath::Kernel),
+            Ok("socket") => Some(UdpDatapath::Socket),
+            _ => None,
+        }
+    }
+}
+
+/// Whether this run relays established UDP flows in the kernel by default
+/// ([`UDP_DATAPATH_ENV`]).
+pub fn kernel_udp_datapath() -> bool {
+    UdpDatapath::from_env() == Some(UdpDatapath::Kernel)
+}
+
 /// How a test runs the daemon; the TCP tests run once in each (see
 /// [`tests_per_mode!`](crate::tests_per_mode)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,6 +86,8 @@ impl Ebpf {
 pub struct DaemonArgs {
     args: Vec<String>,
     ebpf: Option<Ebpf>,
+    /// `--udp-datapath` as the test chose it; `None`: as [`UDP_DATAPATH_ENV`] says.
+    udp_datapath: Option<UdpDatapath>,
     pub(crate) mode: Mode,
     /// Who the daemon runs as ([`crate::unprivileged`]).
     pub(crate) privileges: Privileges,
@@ -61,6 +99,7 @@ impl DaemonArgs {
         Self {
             args: Vec::new(),
             ebpf: None,
+            udp_datapath: None,
             mode: Mode::AsGiven,
             privileges: Privileges::Default,
         }
@@ -96,6 +135,13 @@ impl DaemonArgs {
     /// `--ebpf`; under [`Mode::EbpfOff`] `off` is given instead.
     pub fn ebpf(mut self, ebpf: Ebpf) -> Self {
         self.ebpf = Some(ebpf);
+        self
+    }
+
+    /// `--udp-datapath`, given as chosen whatever the protocol and mode (the
+    /// refusal tests need that); overrides [`UDP_DATAPATH_ENV`].
+    pub fn udp_datapath(mut self, datapath: UdpDatapath) -> Self {
+        self.udp_datapath = Some(datapath);
         self
     }
 
@@ -191,7 +237,21 @@ impl DaemonArgs {
         if let Some(e) = ebpf {
             all.extend(["--ebpf".to_owned(), e.arg().to_owned()]);
         }
+        if let Some(d) = self.udp_datapath.or_else(|| self.datapath_from_env(ebpf)) {
+            all.extend(["--udp-datapath".to_owned(), d.arg().to_owned()]);
+        }
         all
+    }
+
+    /// The datapath [`UDP_DATAPATH_ENV`] gives this daemon: only to `-p udp` with
+    /// the kernel side meant to load (not `--ebpf off`, not a forced BPF failure),
+    /// where `--udp-datapath kernel` is valid.
+    fn datapath_from_env(&self, ebpf: Option<Ebpf>) -> Option<UdpDatapath> {
+        let udp = self.args.windows(2).any(|w| w[0] == "-p" && w[1] == "udp");
+        if !udp || ebpf == Some(Ebpf::Off) || self.mode != Mode::AsGiven {
+            return None;
+        }
+        UdpDatapath::from_env().filter(|d| *d == UdpDatapath::Kernel)
     }
 
     /// The environment the mode adds.
@@ -231,6 +291,16 @@ mod tests {
         let fails = a.mode(Mode::BpfFails);
         assert!(fails.to_vec().join(" ").ends_with("--ebpf on"));
         assert_eq!(fails.env(), [(FAIL_BPF_ENV, "1")]);
+    }
+
+    #[test]
+    fn the_chosen_udp_datapath_is_given_as_is() {
+        let a = DaemonArgs::tcp()
+            .ebpf(Ebpf::Off)
+            .udp_datapath(UdpDatapath::Kernel);
+        assert_eq!(a.to_vec().join(" "), "--ebpf off --udp-datapath kernel");
+        let s = DaemonArgs::udp().udp_datapath(UdpDatapath::Socket);
+        assert_eq!(s.to_vec().join(" "), "-p udp --udp-datapath socket");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod tcx;
 
 pub mod soak;
 pub mod topology;
+pub mod udp_counts;
 pub mod udp_upstream;
 pub mod unprivileged;
 pub mod upstream;

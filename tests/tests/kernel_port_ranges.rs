@@ -9,6 +9,7 @@ use mmproxy_tests::client::roundtrip;
 use mmproxy_tests::daemon::{counter, Daemon};
 use mmproxy_tests::netns::Netns;
 use mmproxy_tests::topology::*;
+use mmproxy_tests::udp_counts::{answers_relayed, datagrams_received, wait_total};
 use mmproxy_tests::udp_upstream::UdpEcho;
 use mmproxy_tests::upstream::EchoServer;
 use mmproxy_tests::{require_root, WAIT};
@@ -143,9 +144,9 @@ fn udp_range_answers_leave_from_the_port_the_proxy_sent_to() -> Result<()> {
             exchanged += 1;
         }
     }
-    let line = d.stats()?;
-    assert_eq!(counter(&line, "udp_replies"), exchanged, "{line}");
-    assert_eq!(counter(&line, "udp_datagrams"), exchanged, "{line}");
+    let line = wait_total(&d, "answers relayed", answers_relayed, exchanged, WAIT)?;
+    assert_eq!(answers_relayed(&line), exchanged, "{line}");
+    assert_eq!(datagrams_received(&line), exchanged, "{line}");
     // Idle for --close-after 1: flows close, and the reply sockets with them.
     d.wait_open_fds_at_most(fds_before, WAIT).with_context(|| {
         let stats = d.stats().unwrap_or_default();

@@ -23,6 +23,35 @@ const UNPRIVILEGED_TESTS: &[&str] = &[
     "two_instances_share_the_return_path",
 ];
 
+/// The UDP end-to-end tests run once more with `--udp-datapath kernel` on every
+/// `-p udp` daemon that has the kernel side (MMPROXY_TEST_UDP_DATAPATH=kernel,
+/// tests/src/args.rs), with the same assertions: every test that starts a UDP
+/// daemon with the kernel side on. (udp_kernel_datapath.rs chooses its datapath
+/// itself and runs in the first pass.)
+const UDP_TESTS: &[&str] = &[
+    "ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from",
+    "thousand_clients_each_answered_and_idle_expiry",
+    "full_flow_table_evicts_the_least_recently_used",
+    "burst_of_malformed_datagrams_is_dropped",
+    "go_mmproxy_udp_invocation_works_unchanged",
+    "service_on_a_wildcard_answering_from_another_address",
+    "a_burst_of_one_flow_arrives_as_separate_datagrams",
+    "udp_placement_b_service_bound_to_the_wildcard",
+    "udp_placements_a_and_c",
+    "udp_answer_to_a_client_port_inside_a_wildcard_range",
+    "udp_range_answers_leave_from_the_port",
+    "udp_disallowed_proxy_is_dropped_by_the_kernel",
+    "two_instances_share_the_return_path",
+    "as_given::sigkill_under_load_then_restart",
+    "udp_a_default_route_added_after_start_up",
+    "udp_descriptor_exhaustion_is_logged",
+    "at_max_flows_two_hundred_clients",
+    "dynamic_destination_udp_goes_where_the_header_says",
+    "udp_mix_gives_exact_series",
+    "upstream_connections_reach_the_service_not_mmproxy",
+    "udp_flow_answered_across_upgrades",
+];
+
 /// Prefix of every network namespace the end-to-end tests create (tests/src/netns.rs).
 const NETNS_PREFIX: &str = "mmpt-";
 
@@ -117,6 +146,20 @@ pub fn run_all(no_fuzz: bool, filter: Option<&str>) -> Result<()> {
             .env("MMPROXY_BIN", compile::daemon_binary())
             .env("MMPROXY_TEST_UNPRIVILEGED", "1");
         let result = run(host_env(&mut unprivileged));
+        remove_stale_namespaces();
+        result?;
+    }
+
+    if filter.is_none() {
+        step("UDP end-to-end tests again, established flows relayed by the kernel (--udp-datapath kernel)");
+        let mut kernel = cargo();
+        kernel
+            .args(["test", "--release", "-p", "mmproxy-tests", "--"])
+            .args(["--test-threads", "2"])
+            .args(UDP_TESTS)
+            .env("MMPROXY_BIN", compile::daemon_binary())
+            .env("MMPROXY_TEST_UDP_DATAPATH", "kernel");
+        let result = run(host_env(&mut kernel));
         remove_stale_namespaces();
         result?;
     }

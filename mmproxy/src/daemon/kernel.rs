@@ -54,6 +54,9 @@ pub(super) async fn start_kernel_side<S: std::os::fd::AsRawFd>(
         return_path: &return_path,
         may_steer: policy.may_steer(),
         return_mark: args.return_mark,
+        relay_capacity: u32::try_from(args.max_flows.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .min(1 << 22),
         flow_capacity: u32::try_from(args.max_connections.saturating_add(args.max_flows))
             .unwrap_or(u32::MAX)
             .min(1 << 22),

@@ -46,6 +46,13 @@ pub enum IfaceError {
 pub struct ReturnInterfaces {
     pub egress: BTreeSet<String>,
     pub ingress: BTreeSet<String>,
+    /// For UDP: every Ethernet-type interface, where proxies' datagrams may
+    /// arrive (the relay's inbound program); the kernel side attaches it only with
+    /// `--udp-datapath kernel`. Not part of [`ReturnInterfaces::is_empty`].
+    pub udp_in: BTreeSet<String>,
+    /// For UDP: `lo`, whose egress carries the answers of loopback services (the
+    /// relay's outbound program); attached only with `--udp-datapath kernel`.
+    pub lo_egress: BTreeSet<String>,
     /// Why something that might have been expected is not there, for the log.
     pub notes: Vec<String>,
 }
@@ -221,6 +228,19 @@ fn decide(
         match stage {
             Stage::StartUp => return Err(problem),
             Stage::Running => out.notes.push(problem.to_string()),
+        }
+    }
+    if udp {
+        // Balancers may reach this host over any interface; lo carries no
+        // balancer traffic but the loopback services' answers.
+        out.udp_in = view
+            .links
+            .iter()
+            .filter(|l| l.ether)
+            .map(|l| l.name.clone())
+            .collect();
+        if view.links.iter().any(|l| l.name == "lo") {
+            out.lo_egress.insert("lo".to_owned());
         }
     }
     Ok(out)
@@ -485,6 +505,15 @@ mod tests {
         assert!(super::decide(&host(), &policy, Stage::StartUp).is_err());
         let r = super::decide(&host(), &policy, Stage::Running).unwrap();
         assert!(r.is_empty() && r.notes.len() == 1, "{r:?}");
+    }
+
+    #[test]
+    fn udp_offers_the_relay_every_ethernet_interface_and_lo_egress() {
+        let r = decide(&host(), &[ip("127.0.0.1")], true, &[]).unwrap();
+        assert_eq!(r.udp_in, set(&["app0", "eth0", "gw0"]));
+        assert_eq!(r.lo_egress, set(&["lo"]));
+        let r = decide(&host(), &[ip("127.0.0.1")], false, &[]).unwrap();
+        assert!(r.udp_in.is_empty() && r.lo_egress.is_empty(), "{r:?}");
     }
 
     #[test]

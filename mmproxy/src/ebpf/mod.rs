@@ -11,6 +11,7 @@ pub mod flow_map;
 pub mod ifaces;
 mod loader;
 mod probe;
+pub mod relay_map;
 mod rules;
 mod subnets;
 mod sysctl;
@@ -25,13 +26,16 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockMap};
 use aya::programs::{ProgramError, SkLookup};
 use aya::{Ebpf, EbpfError as AyaError};
 use ipnet::{Ipv4Net, Ipv6Net};
-use mmproxy_common::{map_names, program_names, Config, Counter, FlowKey, ListenRule};
+use mmproxy_common::{
+    map_names, program_names, Config, Counter, FlowKey, ListenRule, RelayAction, RelayKey,
+};
 use tokio::io::unix::AsyncFd;
 
 use flow_map::KernelFlows;
 pub use flow_map::{FlowMapError, FlowProtocol, FlowRegistration, FlowRegistry, ReturnFlow};
 pub use ifaces::{ReturnInterfaces, ReturnPolicy};
 pub use probe::{has_tcx, object_embedded, probe};
+use relay_map::KernelUdpRelay;
 pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};
 use sysctl::AcceptLocal;
@@ -149,6 +153,8 @@ pub struct KernelOptions<'a> {
     pub udp_relay: bool,
     /// `--max-header-len`, for the kernel's PROXY header check.
     pub max_header_len: u32,
+    /// Capacity of the UDP relay table with `udp_relay`: two entries per UDP flow.
+    pub relay_capacity: u32,
 }
 
 /// The loaded, attached kernel side. Dropping it detaches everything.
@@ -160,6 +166,8 @@ pub struct KernelSide {
     counters: PerCpuArray<MapData, u64>,
     listeners: SockMap<MapData>,
     flows: Arc<KernelFlows>,
+    /// `UDP_RELAY`, with `--udp-datapath kernel`.
+    udp_relay: Option<Arc<KernelUdpRelay>>,
     /// Answers of registered flows may be steered by tc, now or later.
     return_steering: bool,
     /// Which interfaces hold the tc programs.
@@ -182,9 +190,17 @@ impl KernelSide {
         // program does not even write them to the ring buffer otherwise.
         let log_level: u8 = if opts.verbose >= 2 { 4 } else { 2 };
         let flow_capacity = opts.flow_capacity.max(1);
+        // Without the relay the map is never used: one entry instead of its
+        // preallocated default (LRU maps cannot be allocated lazily).
+        let relay_capacity = if opts.udp_relay {
+            opts.relay_capacity.max(2)
+        } else {
+            1
+        };
         let mut ebpf = loader::loader(OBJECT)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
             .map_max_entries(map_names::FLOWS, flow_capacity)
+            .map_max_entries(map_names::UDP_RELAY, relay_capacity)
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
@@ -226,6 +242,13 @@ impl KernelSide {
             allowed_v6.replace(v6_keys(v6))?;
         }
         let lo_ifindex = if_index("lo").ok_or(EbpfError::NoLoopback)?;
+        let udp_relay = if opts.udp_relay {
+            let map: HashMap<MapData, RelayKey, RelayAction> =
+                take(&mut ebpf, map_names::UDP_RELAY)?;
+            Some(Arc::new(KernelUdpRelay::new(map, lo_ifindex)))
+        } else {
+            None
+        };
         let cfg = Config {
             rule_count: opts.rules.len() as u32,
             filter_enabled: u32::from(opts.allowed.is_some()),
@@ -261,6 +284,7 @@ impl KernelSide {
             counters,
             listeners,
             flows: KernelFlows::new(flows_map, flow_capacity),
+            udp_relay,
             return_steering: opts.may_steer || !opts.return_path.is_empty(),
             tc: TcLinks::default(),
             accept_local: None,
@@ -279,6 +303,17 @@ impl KernelSide {
     /// owned by the programs inside `_ebpf`: they close with it, or with the process
     /// however it ends.
     pub fn set_return_path(&mut self, want: &ReturnInterfaces) -> TcChanges {
+        // The relay's programs go on only with the relay; a network change may
+        // have moved a target's route, which new flows must follow.
+        let mut want = want.clone();
+        match &self.udp_relay {
+            Some(relay) => relay.forget_routes(),
+            None => {
+                want.udp_in.clear();
+                want.lo_egress.clear();
+            }
+        }
+        let want = &want;
         // Answers redirected into lo carry one of this host's addresses as their
         // source, which lo drops as martian unless accept_local is on. Once on, it
         // stays on until exit (the last instance restores it).
@@ -308,9 +343,8 @@ impl KernelSide {
 
     /// Where the UDP proxy hands established flows to the kernel; `None` unless
     /// loaded with [`KernelOptions::udp_relay`].
-    // TODO(#16, wip-kernel): the `UDP_RELAY` map behind this.
     pub fn udp_relay(&self) -> Option<Arc<dyn UdpRelay>> {
-        None
+        self.udp_relay.clone().map(|r| r as Arc<dyn UdpRelay>)
     }
 
     /// Whether tc programs may steer answers of registered flows, now or once the
@@ -370,6 +404,11 @@ impl KernelSide {
             (program_names::SK_LOOKUP, true),
             (program_names::TC_EGRESS, self.tc.holds(Direction::Egress)),
             (program_names::TC_INGRESS, self.tc.holds(Direction::Ingress)),
+            (program_names::TC_UDP_IN, self.tc.holds(Direction::UdpIn)),
+            (
+                program_names::TC_LO_EGRESS,
+                self.tc.holds(Direction::LoEgress),
+            ),
         ]
     }
 

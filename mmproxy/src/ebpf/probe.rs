@@ -13,7 +13,7 @@ pub fn object_embedded() -> bool {
     !OBJECT.is_empty()
 }
 
-/// Loads the object and its three programs as start-up does, then drops them.
+/// Loads the object and every program as start-up may, then drops them.
 pub fn probe() -> Result<(), EbpfError> {
     if std::env::var(FAIL_ENV).as_deref() == Ok("1") {
         return Err(EbpfError::ForcedFailure);
@@ -23,6 +23,7 @@ pub fn probe() -> Result<(), EbpfError> {
     }
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, 1)
+        .map_max_entries(map_names::UDP_RELAY, 1)
         .load(OBJECT)
         .map_err(|e| EbpfError::Load(Box::new(e)))?;
     let missing = |name| EbpfError::Missing {
@@ -36,7 +37,12 @@ pub fn probe() -> Result<(), EbpfError> {
         .try_into()
         .map_err(|source| prog_err(name, source))?;
     sk_lookup.load().map_err(|source| prog_err(name, source))?;
-    for name in [program_names::TC_EGRESS, program_names::TC_INGRESS] {
+    for name in [
+        program_names::TC_EGRESS,
+        program_names::TC_INGRESS,
+        program_names::TC_UDP_IN,
+        program_names::TC_LO_EGRESS,
+    ] {
         let tc: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(missing(name))?
@@ -55,4 +61,25 @@ pub fn has_tcx() -> Option<bool> {
     let major: u32 = parts.next()?.parse().ok()?;
     let minor: u32 = parts.next()?.parse().ok()?;
     Some((major, minor) >= (6, 6))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every program of the object, the UDP relay's included, passes this
+    /// kernel's verifier (tc programs are otherwise only loaded when attached).
+    #[test]
+    #[cfg(mmproxy_bpf_object)]
+    fn every_program_passes_the_verifier() {
+        crate::testing::in_netns("every_program_passes_the_verifier", |_, _| async {
+            if let Err(e) = super::probe() {
+                let mut chain = format!("{e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    chain.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                panic!("{chain}");
+            }
+        });
+    }
 }

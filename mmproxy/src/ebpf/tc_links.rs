@@ -15,11 +15,15 @@ use mmproxy_common::program_names;
 
 use super::{prog_err, EbpfError, ReturnInterfaces};
 
-/// Where a tc program sits on an interface.
+/// Which tc program sits on an interface, and where.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Direction {
     Egress,
     Ingress,
+    /// The UDP relay's inbound program, on ingress.
+    UdpIn,
+    /// The UDP relay's outbound program for loopback services, on lo's egress.
+    LoEgress,
 }
 
 impl Direction {
@@ -27,6 +31,8 @@ impl Direction {
         match self {
             Direction::Egress => "egress",
             Direction::Ingress => "ingress",
+            Direction::UdpIn => "udp-relay-ingress",
+            Direction::LoEgress => "udp-relay-egress",
         }
     }
 
@@ -34,13 +40,15 @@ impl Direction {
         match self {
             Direction::Egress => program_names::TC_EGRESS,
             Direction::Ingress => program_names::TC_INGRESS,
+            Direction::UdpIn => program_names::TC_UDP_IN,
+            Direction::LoEgress => program_names::TC_LO_EGRESS,
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            Direction::Egress => TcAttachType::Egress,
-            Direction::Ingress => TcAttachType::Ingress,
+            Direction::Egress | Direction::LoEgress => TcAttachType::Egress,
+            Direction::Ingress | Direction::UdpIn => TcAttachType::Ingress,
         }
     }
 }
@@ -82,6 +90,8 @@ impl TcLinks {
             match dir {
                 Direction::Egress => out.egress.insert(name.clone()),
                 Direction::Ingress => out.ingress.insert(name.clone()),
+                Direction::UdpIn => out.udp_in.insert(name.clone()),
+                Direction::LoEgress => out.lo_egress.insert(name.clone()),
             };
         }
         out
@@ -150,7 +160,12 @@ impl TcLinks {
 fn wanted(want: &ReturnInterfaces) -> BTreeSet<Key> {
     let egress = want.egress.iter().map(|n| (Direction::Egress, n.clone()));
     let ingress = want.ingress.iter().map(|n| (Direction::Ingress, n.clone()));
-    egress.chain(ingress).collect()
+    let udp_in = want.udp_in.iter().map(|n| (Direction::UdpIn, n.clone()));
+    let lo = want
+        .lo_egress
+        .iter()
+        .map(|n| (Direction::LoEgress, n.clone()));
+    egress.chain(ingress).chain(udp_in).chain(lo).collect()
 }
 
 /// Which held attachments go and which wanted ones are made. An attachment whose

@@ -24,6 +24,13 @@ use super::limits::LogLimit;
 use super::reply_socket::ReplyKey;
 use super::{Clock, UdpContext};
 
+/// How long after handing a flow to the kernel a datagram of it reaching user space
+/// with nothing changed makes the daemon hand it over again. The kernel's LRU map
+/// may drop entries before it is full (its free lists are per CPU), and the kernel
+/// then leaves every datagram of the flow to user space; at most one map update per
+/// flow per this interval puts it back.
+const REOFFER_AFTER_MS: u64 = 1000;
+
 /// Where a datagram came from and was sent to, as the kernel's keys need it.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Arrival {
@@ -66,6 +73,8 @@ pub(super) struct KernelHalf {
     /// What the flow was last offered as (`None`: it could not be described).
     offered: Option<RelayFlow>,
     registration: Option<RelayRegistration>,
+    /// When it was last handed over ([`Clock`] ms).
+    offered_at: u64,
 }
 
 impl KernelHalf {
@@ -88,6 +97,7 @@ impl KernelHalf {
             bound,
             offered: None,
             registration: None,
+            offered_at: now,
         };
         half.offer(relay, ctx, arrival, client, target, log, now);
         Some(half)
@@ -111,9 +121,25 @@ impl KernelHalf {
         };
         let wanted = describe(arrival, client, self.bound, target, ctx.mark);
         let wanted = wanted.ok().flatten();
-        // Unchanged, registered or refused: nothing to do (a refused flow is not
-        // offered again with the same description).
+        // Unchanged: nothing to do, unless the kernel seems to have lost a flow it
+        // took. A refused flow is not offered again with the same description.
         if wanted == self.offered {
+            if let Some(r) = &self.registration {
+                if now.saturating_sub(self.offered_at) >= REOFFER_AFTER_MS {
+                    self.offered_at = now;
+                    if let Err(e) = relay.add(r.flow()) {
+                        refused(
+                            ctx,
+                            arrival,
+                            client,
+                            target,
+                            &Unrelayable::Refused(e),
+                            log,
+                            now,
+                        );
+                    }
+                }
+            }
             return;
         }
         self.offer(relay, ctx, arrival, client, target, log, now);
@@ -134,6 +160,7 @@ impl KernelHalf {
         // answers' key does not depend on where the proxy sent to), and removing
         // the old after adding the new would take the shared one away.
         self.registration = None;
+        self.offered_at = now;
         let described = describe(arrival, client, self.bound, target, ctx.mark);
         self.offered = described.as_ref().ok().copied().flatten();
         let result = described.and_then(|flow| match flow {
@@ -142,15 +169,7 @@ impl KernelHalf {
         });
         match result {
             Ok(registration) => self.registration = registration,
-            Err(why) => {
-                Stats::inc(&ctx.stats.udp_kernel_refused);
-                if log.allow(now) {
-                    warn!(target: CONN_TARGET, peer = %arrival.source, client = %client,
-                          upstream = %target, reason = why.kind(),
-                          error = &why as &dyn std::error::Error,
-                          "UDP flow not relayed by the kernel, relayed in user space");
-                }
-            }
+            Err(why) => refused(ctx, arrival, client, target, &why, log, now),
         }
     }
 
@@ -166,6 +185,25 @@ impl KernelHalf {
     #[cfg(test)]
     pub(super) fn registered(&self) -> Option<&RelayFlow> {
         self.registration.as_ref().map(RelayRegistration::flow)
+    }
+}
+
+/// Counts and logs (rate-limited) a flow the kernel did not take.
+fn refused(
+    ctx: &UdpContext,
+    arrival: &Arrival,
+    client: ClientAddr,
+    target: UpstreamAddr,
+    why: &Unrelayable,
+    log: &mut LogLimit,
+    now: u64,
+) {
+    Stats::inc(&ctx.stats.udp_kernel_refused);
+    if log.allow(now) {
+        warn!(target: CONN_TARGET, peer = %arrival.source, client = %client,
+              upstream = %target, reason = why.kind(),
+              error = why as &dyn std::error::Error,
+              "UDP flow not relayed by the kernel, relayed in user space");
     }
 }
 

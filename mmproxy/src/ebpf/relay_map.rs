@@ -1,0 +1,373 @@
+//! The kernel's `UDP_RELAY` map behind [`UdpRelay`]: what the tc programs do with
+//! each half of a flow the UDP proxy hands over (`--udp-datapath kernel`).
+//!
+//! The inbound half needs the interface the flow's datagrams leave through. The
+//! upstream socket would have let the kernel route them; the tc program cannot
+//! route into `lo` for a local target (`bpf_redirect_neigh` looks routes up with
+//! the interface as output device, and a local address of eth0 is not on lo), so
+//! the choice is made here, once per target, by asking the kernel's routing
+//! table (`RTM_GETROUTE`, as `ip route get` does): a `local` route means the
+//! target is this host, anything else is sent over the route's interface.
+//!
+//! A local target is delivered into `lo`'s ingress (`RELAY_TO_LO`), except a
+//! loopback one: input routing treats 127.0.0.0/8 arriving from a device as
+//! martian (unless `route_localnet`), so those are sent through `lo` as output,
+//! `bpf_redirect_neigh` to `lo` (whose own local route matches it), and arrive with
+//! the output route attached, as the upstream socket's datagrams do.
+use std::collections::HashMap as StdHashMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData};
+use mmproxy_common::{RelayAction, RelayKey, RELAY_TO_LO};
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
+
+use super::udp_relay::{key_addr, RelayError, RelayFlow, UdpRelay};
+
+/// Route answers kept at most; beyond it the cache starts over (a
+/// `-dynamic-destination` proxy may see many targets).
+const ROUTE_CACHE_MAX: usize = 4096;
+
+/// Where the relay sends a flow's datagrams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The target is this host (loopback or one of its addresses): into `lo`.
+    Local,
+    /// Out of this interface, to the target or its gateway.
+    Via(u32),
+}
+
+/// The `UDP_RELAY` map, and what adding a flow needs to know.
+pub struct KernelUdpRelay {
+    map: Mutex<HashMap<MapData, RelayKey, RelayAction>>,
+    lo_ifindex: u32,
+    /// Placement by (target address, mark): a mark can select another table.
+    routes: Mutex<StdHashMap<(IpAddr, u32), Placement>>,
+}
+
+impl fmt::Debug for KernelUdpRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KernelUdpRelay")
+            .field("lo_ifindex", &self.lo_ifindex)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KernelUdpRelay {
+    pub fn new(map: HashMap<MapData, RelayKey, RelayAction>, lo_ifindex: u32) -> Self {
+        Self {
+            map: Mutex::new(map),
+            lo_ifindex,
+            routes: Mutex::new(StdHashMap::new()),
+        }
+    }
+
+    /// Forgets the cached routes: the host's network changed (`crate::netwatch`),
+    /// and new flows must see the new routes. Flows already relayed keep theirs.
+    pub fn forget_routes(&self) {
+        lock(&self.routes).clear();
+    }
+
+    /// Each change is one map call: nothing to repair after a panic elsewhere.
+    fn map(&self) -> MutexGuard<'_, HashMap<MapData, RelayKey, RelayAction>> {
+        lock(&self.map)
+    }
+
+    fn placement(&self, target: SocketAddr, mark: u32) -> Result<Placement, RelayError> {
+        let ip = crate::addr::canonical(target).ip();
+        if let Some(p) = lock(&self.routes).get(&(ip, mark)) {
+            return Ok(*p);
+        }
+        let p = match route_get(ip, mark) {
+            Ok(Some(Placement::Local)) if ip.is_loopback() => Placement::Via(self.lo_ifindex),
+            Ok(Some(p)) => p,
+            Ok(None) => return Err(RelayError::NoRoute(target)),
+            Err(source) => return Err(RelayError::Route { target, source }),
+        };
+        let mut routes = lock(&self.routes);
+        if routes.len() >= ROUTE_CACHE_MAX {
+            routes.clear();
+        }
+        routes.insert((ip, mark), p);
+        Ok(p)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The two halves of `flow`, delivered by `placement` (`lo_ifindex` for
+/// [`Placement::Local`]). `None` for a flow that changes family.
+pub fn actions(
+    flow: &RelayFlow,
+    placement: Placement,
+    lo_ifindex: u32,
+) -> Option<[(RelayKey, RelayAction); 2]> {
+    let family = flow.family()?;
+    let inbound = flow.inbound_key()?;
+    let outbound = flow.outbound_key()?;
+    let (flags, ifindex) = match placement {
+        Placement::Local => (RELAY_TO_LO, lo_ifindex),
+        Placement::Via(i) => (0, i),
+    };
+    let action = |src: SocketAddr, dst: SocketAddr, ifindex, mark, flags| {
+        let (src_addr, src_port) = key_addr(src);
+        let (dst_addr, dst_port) = key_addr(dst);
+        RelayAction {
+            last_ns: 0,
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            ifindex,
+            mark,
+            flags,
+            family,
+            _pad: [0; 2],
+        }
+    };
+    Some([
+        // As the upstream socket sends: from the client's address it is bound to.
+        (
+            inbound,
+            action(flow.bound, flow.target, ifindex, flow.mark, flags),
+        ),
+        // As the listening socket answers: from where the proxy sent to, back out
+        // of the interface its datagram came in on.
+        (outbound, action(flow.local, flow.proxy, flow.ifindex, 0, 0)),
+    ])
+}
+
+impl UdpRelay for KernelUdpRelay {
+    fn add(&self, flow: &RelayFlow) -> Result<(), RelayError> {
+        if flow.family().is_none() {
+            return Err(RelayError::MixedFamily);
+        }
+        let placement = self.placement(flow.target, flow.mark)?;
+        let halves = actions(flow, placement, self.lo_ifindex).ok_or(RelayError::MixedFamily)?;
+        let mut map = self.map();
+        // The answers' half first: once the inbound half is in, answers come.
+        for (key, action) in halves.iter().rev() {
+            map.insert(key, action, 0).map_err(RelayError::Map)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, flow: &RelayFlow) {
+        let mut map = self.map();
+        for key in [flow.inbound_key(), flow.outbound_key()]
+            .into_iter()
+            .flatten()
+        {
+            // Already gone (the LRU evicted it) is fine.
+            let _ = map.remove(&key);
+        }
+    }
+
+    fn last_active(&self, flow: &RelayFlow) -> Option<Duration> {
+        let map = self.map();
+        let last = [flow.inbound_key(), flow.outbound_key()]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| map.get(&k, 0).ok())
+            .map(|a| a.last_ns)
+            .max()
+            .unwrap_or(0);
+        (last != 0).then(|| Duration::from_nanos(last))
+    }
+}
+
+/// Where the kernel would route a datagram to `ip` with `mark`: `Ok(None)` when
+/// it has no route (unreachable, prohibited, blackhole).
+pub fn route_get(ip: IpAddr, mark: u32) -> io::Result<Option<Placement>> {
+    let mut msg = RouteMessage::default();
+    let (family, prefix, dst) = match ip {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    msg.header.address_family = family;
+    msg.header.destination_prefix_length = prefix;
+    msg.attributes.push(RouteAttribute::Destination(dst));
+    if mark != 0 {
+        msg.attributes.push(RouteAttribute::Mark(mark));
+    }
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
+    req.header.flags = NLM_F_REQUEST;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&NlAddr::new(0, 0))?;
+    socket.send(&buf, 0)?;
+    let (reply, _) = socket.recv_from_full()?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    match reply.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => Ok(classify(&r)),
+        NetlinkPayload::Error(e) => {
+            let err = e.to_io();
+            match err.raw_os_error() {
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL) => {
+                    Ok(None)
+                }
+                _ => Err(err),
+            }
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected answer to RTM_GETROUTE",
+        )),
+    }
+}
+
+/// A route's answer as a placement: `local` is this host, a unicast route its
+/// output interface; anything else cannot be relayed.
+pub fn classify(r: &RouteMessage) -> Option<Placement> {
+    let oif = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    match r.header.kind {
+        RouteType::Local => Some(Placement::Local),
+        RouteType::Unicast => oif.map(Placement::Via),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmproxy_common::{FAMILY_V4, FAMILY_V6, RELAY_IN, RELAY_OUT};
+
+    fn flow(proxy: &str, local: &str, client: &str, target: &str) -> RelayFlow {
+        let p = |s: &str| s.parse::<SocketAddr>().unwrap();
+        RelayFlow {
+            proxy: p(proxy),
+            local: p(local),
+            ifindex: 7,
+            client: p(client),
+            orig_dst: p(local),
+            bound: p(client),
+            target: p(target),
+            mark: 0x42,
+        }
+    }
+
+    #[test]
+    fn inbound_goes_from_the_client_to_the_target_outbound_from_local_to_the_proxy() {
+        let f = flow(
+            "192.0.2.1:5000",
+            "192.0.2.2:8443",
+            "198.51.100.9:41000",
+            "203.0.113.130:9000",
+        );
+        let [(ik, ia), (ok, oa)] = actions(&f, Placement::Via(4), 1).unwrap();
+        assert_eq!((ik.direction, ok.direction), (RELAY_IN, RELAY_OUT));
+        assert_eq!(Some(ik), f.inbound_key());
+        assert_eq!(Some(ok), f.outbound_key());
+        assert_eq!(&ia.src_addr[..4], &[198, 51, 100, 9]);
+        assert_eq!(ia.src_port, 41000u16.to_be());
+        assert_eq!(&ia.dst_addr[..4], &[203, 0, 113, 130]);
+        assert_eq!(ia.dst_port, 9000u16.to_be());
+        assert_eq!(
+            (ia.ifindex, ia.flags, ia.mark, ia.family),
+            (4, 0, 0x42, FAMILY_V4)
+        );
+        assert_eq!(&oa.src_addr[..4], &[192, 0, 2, 2]);
+        assert_eq!(oa.src_port, 8443u16.to_be());
+        assert_eq!(&oa.dst_addr[..4], &[192, 0, 2, 1]);
+        assert_eq!(oa.dst_port, 5000u16.to_be());
+        // Answers leave where the proxy's datagram came in; --mark is for the
+        // upstream side only.
+        assert_eq!((oa.ifindex, oa.flags, oa.mark, oa.last_ns), (7, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_local_target_is_delivered_into_lo() {
+        let f = flow(
+            "[2001:db8::1]:5000",
+            "[2001:db8::2]:8443",
+            "[2001:db8:9::9]:41000",
+            "[::1]:9000",
+        );
+        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1).unwrap();
+        assert_eq!(
+            (ia.flags, ia.ifindex, ia.family),
+            (RELAY_TO_LO, 1, FAMILY_V6)
+        );
+        assert_eq!(
+            ia.dst_addr,
+            "::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(oa.flags, 0);
+    }
+
+    #[test]
+    fn a_flow_that_changes_family_has_no_actions() {
+        let f = flow(
+            "192.0.2.1:5000",
+            "192.0.2.2:8443",
+            "[2001:db8::9]:41000",
+            "[::1]:9000",
+        );
+        assert!(actions(&f, Placement::Local, 1).is_none());
+    }
+
+    #[test]
+    fn key_and_action_survive_the_byte_round_trip_the_map_makes() {
+        let f = flow(
+            "192.0.2.1:5000",
+            "192.0.2.2:8443",
+            "198.51.100.9:41000",
+            "127.0.0.1:9000",
+        );
+        for (k, a) in actions(&f, Placement::Local, 1).unwrap() {
+            let kb = bytemuck::bytes_of(&k).to_vec();
+            let ab = bytemuck::bytes_of(&a).to_vec();
+            assert_eq!(*bytemuck::from_bytes::<RelayKey>(&kb), k);
+            assert_eq!(*bytemuck::from_bytes::<RelayAction>(&ab), a);
+        }
+    }
+
+    #[test]
+    fn local_routes_go_into_lo_unicast_out_of_their_interface_others_nowhere() {
+        let route = |kind, oif: Option<u32>| {
+            let mut r = RouteMessage::default();
+            r.header.kind = kind;
+            r.attributes.extend(oif.map(RouteAttribute::Oif));
+            r
+        };
+        assert_eq!(
+            classify(&route(RouteType::Local, Some(1))),
+            Some(Placement::Local)
+        );
+        assert_eq!(
+            classify(&route(RouteType::Unicast, Some(5))),
+            Some(Placement::Via(5))
+        );
+        assert_eq!(classify(&route(RouteType::Unicast, None)), None);
+        assert_eq!(classify(&route(RouteType::BlackHole, None)), None);
+        assert_eq!(classify(&route(RouteType::Unreachable, None)), None);
+    }
+
+    /// Loopback is local in every namespace; run in one of its own anyway, as
+    /// every privileged test does.
+    #[test]
+    fn the_kernel_says_loopback_is_local() {
+        crate::testing::in_netns("the_kernel_says_loopback_is_local", |_, _| async {
+            let lo = route_get("127.0.0.1".parse().unwrap(), 0).unwrap();
+            assert_eq!(lo, Some(Placement::Local));
+            // lo is up in the test namespace, but nothing else is: no route.
+            assert_eq!(route_get("192.0.2.77".parse().unwrap(), 0).unwrap(), None);
+        });
+    }
+}
