@@ -347,7 +347,23 @@ fn wait_listening(
 
 #[cfg(test)]
 mod tests {
-    use super::unknown_flag;
+    use super::{kernel_share, unknown_flag};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn kernel_share_counts_what_the_tc_programs_relayed() {
+        let mut m = BTreeMap::from([("sent".to_owned(), 1000.0), ("received".to_owned(), 990.0)]);
+        let line = "udp_datagrams=8 udp_flows_created=1 kernel_udp_relayed_in=992 \
+                    kernel_udp_relayed_out=990 kernel_udp_punted_no_flow=6 \
+                    kernel_udp_punted_header=2";
+        kernel_share(line, &mut m);
+        assert_eq!(m["kernel_relayed_in"], 992.0);
+        assert_eq!(m["kernel_punted"], 8.0);
+        assert_eq!(m["user_datagrams"], 8.0);
+        assert_eq!(m["user_replies"], 0.0);
+        assert!((m["kernel_in_pct"] - 99.2).abs() < 1e-9);
+        assert_eq!(m["kernel_out_pct"], 100.0);
+    }
 
     #[test]
     fn a_build_without_the_flag_is_told_apart_from_a_failure() {
