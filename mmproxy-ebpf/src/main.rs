@@ -87,8 +87,7 @@ static PACKET: PerCpuArray<parse::UdpPacket> = PerCpuArray::with_max_entries(1, 
 
 /// Per-CPU room for the bytes the inbound relay checksums and moves.
 #[map]
-static SCRATCH: PerCpuArray<[u8; proxy_v2::MAX_RELAYED_HEADER]> =
-    PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<[u8; relay_in::CHUNK]> = PerCpuArray::with_max_entries(1, 0);
 
 #[sk_lookup]
 pub fn mmproxy_sk_lookup(ctx: SkLookupContext) -> u32 {

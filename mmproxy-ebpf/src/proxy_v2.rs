@@ -17,8 +17,9 @@ const INET6_DGRAM: u8 = 0x22;
 const FIXED_LEN: usize = 16;
 
 /// Headers longer than this are left to user space: the checksum of the removed
-/// bytes is taken in one `bpf_csum_diff`, which handles at most 512 bytes.
-pub const MAX_RELAYED_HEADER: usize = 512;
+/// bytes is taken in one `bpf_csum_diff` of a 512-byte buffer, the header's
+/// length rounded up to whole words.
+pub const MAX_RELAYED_HEADER: usize = 508;
 
 /// TLV entries looked at; a header with more goes to user space.
 const MAX_TLVS: usize = 8;
@@ -64,13 +65,14 @@ pub fn check(ctx: &TcContext, pkt: &UdpPacket, max_header_len: u32) -> Option<Pr
     let body = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
     let total = FIXED_LEN + body;
     let block = if v4 { 12 } else { 36 };
-    // A multiple of 4 keeps the removed bytes whole words for bpf_csum_diff and
-    // the payload's byte positions even (its ones' complement sum unchanged).
+    // An even length keeps every payload byte at an even or odd offset as
+    // before once the header is gone, so the payload's ones' complement sum is
+    // unchanged; an odd one goes to user space.
     if body < block
         || total > max_header_len as usize
         || total > payload
         || total > MAX_RELAYED_HEADER
-        || total % 4 != 0
+        || total % 2 != 0
     {
         return None;
     }
@@ -115,7 +117,15 @@ fn tlvs_skippable(ctx: &TcContext, p: usize, start: usize, end: usize) -> bool {
             return false;
         };
         let len = usize::from(u16::from_be_bytes([t[1], t[2]]));
-        if off + 3 + len > end || !skippable(t[0], len) {
+        if off + 3 + len > end {
+            return false;
+        }
+        let ok = if needs_text(t[0]) {
+            len <= MAX_TEXT_TLV && ascii(ctx, p + off + 3, len)
+        } else {
+            skippable(t[0], len)
+        };
+        if !ok {
             return false;
         }
         off += 3 + len;
@@ -124,9 +134,9 @@ fn tlvs_skippable(ctx: &TcContext, p: usize, start: usize, end: usize) -> bool {
 }
 
 /// TLV kinds the daemon validates purely structurally (tlv.rs `check`): ALPN,
-/// NOOP, UNIQUE_ID up to its 128-byte cap, and the custom range. AUTHORITY and
-/// NETNS (UTF-8), SSL (sub-TLVs), CRC32C (the checksum) and unregistered kinds go
-/// to user space.
+/// NOOP, UNIQUE_ID up to its 128-byte cap, and the custom range. SSL (sub-TLVs),
+/// CRC32C (the checksum) and unregistered kinds go to user space; AUTHORITY and
+/// NETNS see [`needs_text`].
 #[inline(always)]
 pub fn skippable(kind: u8, len: usize) -> bool {
     match kind {
@@ -135,4 +145,44 @@ pub fn skippable(kind: u8, len: usize) -> bool {
         0xE0..=0xEF => true,
         _ => false,
     }
+}
+
+/// AUTHORITY and NETNS, which the daemon requires to be UTF-8. The kernel accepts
+/// them only when plain ASCII (a host name, a namespace name): ASCII is UTF-8, so
+/// nothing the daemon would refuse gets through, and anything else goes to user
+/// space to be judged.
+#[inline(always)]
+fn needs_text(kind: u8) -> bool {
+    kind == 0x02 || kind == 0x30
+}
+
+/// Longer AUTHORITY/NETNS values go to user space (a DNS name has at most 253).
+const MAX_TEXT_TLV: usize = 256;
+
+/// Whether the `len` bytes at `at` are all ASCII, read eight at a time. The last
+/// read may go past the value into the rest of the datagram (masked off); a value
+/// that ends within eight bytes of the packet's end is left to user space.
+#[inline(never)]
+fn ascii(ctx: &TcContext, at: usize, len: usize) -> bool {
+    let mut i = 0usize;
+    for _ in 0..MAX_TEXT_TLV / 8 {
+        if i >= len {
+            return true;
+        }
+        let Ok(w) = ctx.load::<u64>(at + i) else {
+            return false;
+        };
+        let rem = len - i;
+        // Packet bytes load little-endian: the value's bytes are the low ones.
+        let mask = if rem >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (rem * 8)) - 1
+        };
+        if w & mask & 0x8080_8080_8080_8080 != 0 {
+            return false;
+        }
+        i += 8;
+    }
+    i >= len
 }

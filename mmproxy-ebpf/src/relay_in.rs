@@ -24,7 +24,7 @@ use crate::relay::{deliver, fits, Verdict};
 use crate::rewrite::rewrite;
 use crate::{count, matching_rule, source_allowed, CONFIG, SCRATCH, UDP_RELAY};
 
-const CHUNK: usize = MAX_RELAYED_HEADER;
+pub const CHUNK: usize = 512;
 const MAX_CHUNKS: usize = 4;
 /// The longest payload moved in the kernel.
 pub const MAX_MOVED: usize = CHUNK * MAX_CHUNKS;
@@ -129,9 +129,15 @@ fn try_relay_in(ctx: &TcContext, config: &Config) -> Verdict {
 /// `bpf_csum_diff(header → nothing)` of the `len` header bytes at `p`.
 #[inline(never)]
 fn header_sum(ctx: &TcContext, buf: *mut [u8; CHUNK], p: usize, len: usize) -> Option<u32> {
-    if len == 0 || len > CHUNK {
+    if len == 0 || len > MAX_RELAYED_HEADER {
         return None;
     }
+    // bpf_csum_diff takes whole words: the header's last one is completed with
+    // zeros, which add nothing to the sum.
+    let last_word = len & 0x1fc;
+    // SAFETY: last_word + 4 ≤ 512, inside the map value.
+    unsafe { core::ptr::write_unaligned((buf as *mut u8).add(last_word) as *mut u32, 0) };
+    let words = ((len + 3) & 0x1fc) as u32;
     let n = len as u32;
     // SAFETY: `buf` is a CHUNK-byte map value and n ≤ CHUNK.
     let r = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, p as u32, buf as *mut _, n) };
@@ -139,7 +145,7 @@ fn header_sum(ctx: &TcContext, buf: *mut [u8; CHUNK], p: usize, len: usize) -> O
         return None;
     }
     // SAFETY: as above; read only.
-    let sum = unsafe { bpf_csum_diff(buf as *mut u32, n, core::ptr::null_mut(), 0, 0) };
+    let sum = unsafe { bpf_csum_diff(buf as *mut u32, words, core::ptr::null_mut(), 0, 0) };
     if sum < 0 {
         None
     } else {
