@@ -9,7 +9,7 @@ use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
-use super::report::NO_PROXY;
+use super::report::{NO_PROXY, UDP_KERNEL};
 use super::{Results, Workload};
 
 const FONTS: &[&str] = &[
@@ -40,6 +40,7 @@ fn color(name: &str, i: usize) -> RGBColor {
     match name {
         NO_PROXY => RGBColor(150, 150, 150),
         "mmproxy" => RGBColor(206, 92, 0),
+        UDP_KERNEL => RGBColor(240, 170, 70),
         "go-mmproxy" => RGBColor(0, 125, 156),
         "HAProxy TPROXY" => RGBColor(60, 140, 60),
         _ => [RGBColor(120, 80, 160), RGBColor(180, 60, 120)][i % 2],
@@ -84,6 +85,20 @@ pub fn draw(r: &Results, path: &Path) -> Result<()> {
         Panel {
             title: "UDP replies/s (higher is better)",
             values: per(Workload::Udp, "replies_per_s"),
+        },
+        Panel {
+            title: "UDP machine CPU µs per reply (lower is better)",
+            values: cfgs
+                .iter()
+                .map(|c| r.machine_per_unit(c, Workload::Udp))
+                .collect(),
+        },
+        Panel {
+            title: "UDP: the proxy's extra machine µs/reply",
+            values: cfgs
+                .iter()
+                .map(|c| r.extra_per_unit(c, Workload::Udp))
+                .collect(),
         },
         Panel {
             title: "idle connection: proxy RSS KiB (lower is better)",
@@ -139,7 +154,7 @@ pub fn draw(r: &Results, path: &Path) -> Result<()> {
             x += 40 + 9 * c.chars().count() as i32;
         }
     }
-    let areas = body.split_evenly((2, 4));
+    let areas = body.split_evenly((2, 5));
     for (area, p) in areas.iter().zip(&panels) {
         panel(area, p, cfgs, text)?;
     }
@@ -187,7 +202,22 @@ fn panel(
         .map_err(|e| anyhow!("{e}"))?;
     let short: Vec<String> = cfgs
         .iter()
-        .map(|c| c.split_whitespace().next().unwrap_or(c).to_owned())
+        // Short enough that five or six labels fit under a panel; the legend has
+        // the full names.
+        .map(|c| match c.as_str() {
+            NO_PROXY => "none".to_owned(),
+            "mmproxy" => "mm".to_owned(),
+            UDP_KERNEL => "mm tc".to_owned(),
+            "go-mmproxy" => "go".to_owned(),
+            "HAProxy TPROXY" => "HAP".to_owned(),
+            _ => c
+                .split_whitespace()
+                .next()
+                .unwrap_or(c)
+                .chars()
+                .take(6)
+                .collect(),
+        })
         .collect();
     let x_fmt = |x: &SegmentValue<usize>| match x {
         SegmentValue::CenterOf(i) => short.get(*i).cloned().unwrap_or_default(),

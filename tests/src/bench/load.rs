@@ -15,6 +15,7 @@ use mio::{Events, Interest, Poll, Token};
 use mmproxy::proxy_protocol::encode_v1;
 use socket2::{Domain, Socket, Type};
 
+use super::cpu::{Snapshot, Used};
 use super::net::Tuples;
 
 /// Where a generator connects, and whether it speaks first with a PROXY header.
@@ -36,12 +37,8 @@ impl Target {
     }
 }
 
-/// Reads the proxy's CPU seconds so far (None without a proxy).
-pub type CpuProbe<'a> = &'a dyn Fn() -> Option<f64>;
-
-fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
-    Some(after? - before?)
-}
+/// Reads the CPU counters now: the proxy's and the machine's (see `cpu.rs`).
+pub type CpuProbe<'a> = &'a dyn Fn() -> Snapshot;
 
 const PING: &[u8] = b"PING\r\n";
 /// How far a connection's writes may run ahead of its echoes: the generator reads as
@@ -62,7 +59,7 @@ pub struct Throughput {
     pub up_bytes: u64,
     /// Echoed bytes read back in the measured interval.
     pub down_bytes: u64,
-    pub cpu_s: Option<f64>,
+    pub cpu: Used,
 }
 
 struct Streamer {
@@ -135,7 +132,7 @@ pub fn throughput(
                 }
             }
         }
-        result.cpu_s = cpu_delta(cpu0, cpu());
+        result.cpu = cpu0.until(&cpu());
         result.secs = ended.duration_since(start).as_secs_f64();
         for w in workers {
             if w.join().is_err() {
@@ -303,7 +300,7 @@ pub struct ConnRate {
     /// Time per connection (connect → header + PING → echo), sorted, in µs.
     #[serde(skip)]
     pub times_us: Vec<u32>,
-    pub cpu_s: Option<f64>,
+    pub cpu: Used,
 }
 
 /// One connection's progress through connect → header + PING → echo.
@@ -534,7 +531,7 @@ pub fn conn_rate(
     let end = start + dur;
     o.run(|_| Instant::now() < end)?;
     let secs = start.elapsed().as_secs_f64();
-    let cpu_s = cpu_delta(cpu0, cpu());
+    let used = cpu0.until(&cpu());
     let mut times_us = std::mem::take(&mut o.times_us);
     times_us.sort_unstable();
     Ok(ConnRate {
@@ -542,7 +539,7 @@ pub fn conn_rate(
         completed: o.completed,
         errors: o.errors,
         times_us,
-        cpu_s,
+        cpu: used,
     })
 }
 
@@ -567,7 +564,7 @@ pub struct Latency {
     /// Round-trip times, sorted, in ns.
     #[serde(skip)]
     pub rtt_ns: Vec<u32>,
-    pub cpu_s: Option<f64>,
+    pub cpu: Used,
 }
 
 /// One connection, 64-byte ping-pong for `dur` after a short warm-up.
@@ -597,7 +594,7 @@ pub fn ping_pong(t: &Target, dur: Duration, tuples: &Tuples, cpu: CpuProbe<'_>) 
         rtt_ns.push(u32::try_from(t0.elapsed().as_nanos()).unwrap_or(u32::MAX));
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu_s = cpu_delta(cpu0, cpu());
+    let used = cpu0.until(&cpu());
     let _ = s.shutdown(Shutdown::Write);
     let _ = s.read(&mut back);
     rtt_ns.sort_unstable();
@@ -605,7 +602,7 @@ pub fn ping_pong(t: &Target, dur: Duration, tuples: &Tuples, cpu: CpuProbe<'_>) 
         secs,
         round_trips: rtt_ns.len() as u64,
         rtt_ns,
-        cpu_s,
+        cpu: used,
     })
 }
 

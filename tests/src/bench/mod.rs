@@ -6,6 +6,8 @@
 //! measurement with a fresh proxy process; medians over the rounds are reported.
 pub mod batch;
 pub mod chart;
+pub mod cpu;
+pub mod cpu_report;
 pub mod echo;
 pub mod load;
 pub mod net;
@@ -67,11 +69,54 @@ impl Workload {
         Self::ALL.into_iter().find(|w| w.name() == s)
     }
 
+    /// The unit of work CPU time is divided by, for the workloads that measure CPU.
+    pub fn cpu_unit(self) -> Option<CpuUnit> {
+        let unit = |key, label, per_unit| {
+            Some(CpuUnit {
+                key,
+                label,
+                per_unit,
+            })
+        };
+        match self {
+            Workload::Throughput => unit("ms_per_gbit", "ms/Gbit", 1e3),
+            Workload::ConnRate => unit("us_per_conn", "µs/conn", 1e6),
+            Workload::Latency => unit("us_per_round_trip", "µs/round trip", 1e6),
+            Workload::Udp => unit("us_per_reply", "µs/reply", 1e6),
+            Workload::Idle => None,
+        }
+    }
+
     fn proto(self) -> Proto {
         match self {
             Workload::Udp => Proto::Udp,
             _ => Proto::Tcp,
         }
+    }
+}
+
+/// How a workload's CPU time is reported: seconds × `per_unit` ÷ units of work, as
+/// the metrics `cpu_<key>` (the proxy process) and `machine_cpu_<key>` (all CPUs).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuUnit {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub per_unit: f64,
+}
+
+impl CpuUnit {
+    pub fn proxy_metric(self) -> String {
+        format!("cpu_{}", self.key)
+    }
+
+    pub fn machine_metric(self) -> String {
+        format!("machine_cpu_{}", self.key)
+    }
+
+    /// The machine's figure less the other processes' CPU in the interval: an
+    /// estimate of the benchmark's own share when the machine is shared.
+    pub fn less_others_metric(self) -> String {
+        format!("machine_less_others_cpu_{}", self.key)
     }
 }
 
@@ -134,38 +179,42 @@ pub struct Results {
 
 pub fn configs(opts: &Options) -> Vec<Config> {
     use proxies::Kind;
+    let config = |name: &str, kind: Kind, port: u16| Config {
+        name: name.into(),
+        kind,
+        port,
+        extra_args: Vec::new(),
+        only: None,
+    };
     let mut c = vec![
+        config(report::NO_PROXY, Kind::NoProxy, ECHO_PORT),
+        config("mmproxy", Kind::Mmproxy(opts.mmproxy.clone()), 8443),
         Config {
-            name: "no proxy".into(),
-            kind: Kind::NoProxy,
-            port: ECHO_PORT,
+            extra_args: ["--udp-datapath", "kernel"].map(String::from).to_vec(),
+            only: Some(Proto::Udp),
+            ..config(
+                report::UDP_KERNEL,
+                Kind::Mmproxy(opts.mmproxy.clone()),
+                8442,
+            )
         },
-        Config {
-            name: "mmproxy".into(),
-            kind: Kind::Mmproxy(opts.mmproxy.clone()),
-            port: 8443,
-        },
-        Config {
-            name: "go-mmproxy".into(),
-            kind: Kind::GoCompatible(proxies::GO_MMPROXY.into()),
-            port: 8444,
-        },
-        Config {
-            name: "HAProxy TPROXY".into(),
-            kind: Kind::Haproxy,
-            port: 8445,
-        },
+        config(
+            report::GO_MMPROXY,
+            Kind::GoCompatible(proxies::GO_MMPROXY.into()),
+            8444,
+        ),
+        config("HAProxy TPROXY", Kind::Haproxy, 8445),
     ];
     for (i, p) in opts.peers.iter().enumerate() {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("peer {i}"));
-        c.push(Config {
-            name,
-            kind: Kind::GoCompatible(p.clone()),
-            port: 8446 + i as u16,
-        });
+        c.push(config(
+            &name,
+            Kind::GoCompatible(p.clone()),
+            8446 + i as u16,
+        ));
     }
     if !opts.configs.is_empty() {
         c.retain(|x| opts.configs.iter().any(|n| n == &x.name));
@@ -264,7 +313,12 @@ pub fn run(mut opts: Options) -> Result<Results> {
 
 fn summary(w: Workload, m: &BTreeMap<String, f64>) -> String {
     let g = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-    match w {
+    let machine = w
+        .cpu_unit()
+        .and_then(|u| Some((m.get(&u.machine_metric())?, u.label)))
+        .map(|(v, label)| format!(", machine {v:.2} {label}"))
+        .unwrap_or_default();
+    let line = match w {
         Workload::Throughput => format!("{:.0} Mbps, cpu {:.2}s", g("total_mbps"), g("cpu_s")),
         Workload::ConnRate => format!(
             "{:.0} conn/s, p99 {:.2} ms, errors {}",
@@ -284,7 +338,8 @@ fn summary(w: Workload, m: &BTreeMap<String, f64>) -> String {
             g("rss_per_conn_kib"),
             g("slab_per_conn_kib")
         ),
-    }
+    };
+    line + &machine
 }
 
 fn measure(
@@ -314,17 +369,20 @@ fn measure(
     let pin = opts.pin;
     let nice = opts.nice;
     let secs = Duration::from_secs_f64(opts.secs);
+    let ncpus = sys::online_cpus() as f64;
     let mut m = net.client.enter(|| -> Result<BTreeMap<String, f64>> {
         if pin {
             sys::pin_current_thread(LOAD_CPU)?;
         }
         sys::nice_current_thread(nice)?;
-        let cpu = move || pid.and_then(|p| sys::cpu_seconds(p).ok());
+        let cpu = move || cpu::Snapshot::take(pid);
         let mut m = BTreeMap::new();
         let mut put = |k: &str, v: f64| {
             m.insert(k.to_owned(), v);
         };
-        let cpu_s = match w {
+        // The CPU used in the measured interval, the units of work done in it (as
+        // `Workload::cpu_unit` counts them) and its length.
+        let work: Option<(cpu::Used, f64, f64)> = match w {
             Workload::Throughput => {
                 let r = load::throughput(
                     &t,
@@ -341,11 +399,8 @@ fn measure(
                 put("total_mbps", mbps(r.down_bytes + r.up_bytes));
                 put("down_msgs", msgs(r.down_bytes));
                 put("up_msgs", msgs(r.up_bytes));
-                if let Some(c) = r.cpu_s {
-                    let gbit = (r.down_bytes + r.up_bytes) as f64 * 8.0 / 1e9;
-                    put("cpu_ms_per_gbit", c * 1000.0 / gbit.max(1e-9));
-                }
-                r.cpu_s
+                let gbit = (r.down_bytes + r.up_bytes) as f64 * 8.0 / 1e9;
+                Some((r.cpu, gbit, r.secs))
             }
             Workload::ConnRate => {
                 let r = load::conn_rate(&t, 50, secs, tuples, &cpu)?;
@@ -353,10 +408,7 @@ fn measure(
                 put("p50_ms", load::quantile(&r.times_us, 0.5) / 1000.0);
                 put("p99_ms", load::quantile(&r.times_us, 0.99) / 1000.0);
                 put("errors", r.errors as f64);
-                if let Some(c) = r.cpu_s {
-                    put("cpu_us_per_conn", c * 1e6 / (r.completed.max(1) as f64));
-                }
-                r.cpu_s
+                Some((r.cpu, r.completed as f64, r.secs))
             }
             Workload::Latency => {
                 let r = load::ping_pong(&t, secs, tuples, &cpu)?;
@@ -364,22 +416,38 @@ fn measure(
                 put("p99_us", load::quantile(&r.rtt_ns, 0.99) / 1000.0);
                 put("p999_us", load::quantile(&r.rtt_ns, 0.999) / 1000.0);
                 put("round_trips_per_s", r.round_trips as f64 / r.secs);
-                r.cpu_s
+                Some((r.cpu, r.round_trips as f64, r.secs))
             }
             Workload::Udp => {
                 let r = udp::closed_loop(&t, 50, opts.threads, secs, tuples, &cpu)?;
                 put("replies_per_s", r.received as f64 / r.secs);
                 put("loss_pct", r.loss() * 100.0);
                 put("sent", r.sent as f64);
-                r.cpu_s
+                put("received", r.received as f64);
+                Some((r.cpu, r.received as f64, r.secs))
             }
             Workload::Idle => {
                 idle(&t, opts, pid, tuples, &mut put)?;
                 None
             }
         };
-        if let Some(c) = cpu_s {
-            put("cpu_s", c);
+        if let (Some((used, units, secs)), Some(unit)) = (work, w.cpu_unit()) {
+            let per_unit = |s: f64| s * unit.per_unit / units.max(1e-9);
+            if let Some(c) = used.proxy_s {
+                put("cpu_s", c);
+                put(&unit.proxy_metric(), per_unit(c));
+            }
+            if let Some(c) = used.machine_s {
+                put("machine_cpu_s", c);
+                put(&unit.machine_metric(), per_unit(c));
+                put("machine_busy_pct", c * 100.0 / (secs * ncpus).max(1e-9));
+            }
+            if let Some(c) = used.others_s {
+                put("others_cpu_s", c);
+            }
+            if let (Some(m), Some(o)) = (used.machine_s, used.others_s) {
+                put(&unit.less_others_metric(), per_unit((m - o).max(0.0)));
+            }
         }
         Ok(m)
     })??;
@@ -392,6 +460,11 @@ fn measure(
         }
         if let Some(hwm) = startup_hwm {
             m.insert("startup_peak_rss_kib".into(), hwm as f64);
+        }
+        if w == Workload::Udp {
+            if let Some(line) = p.stats_line() {
+                proxies::kernel_share(&line, &mut m);
+            }
         }
     }
     drop(proxy);

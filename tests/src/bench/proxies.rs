@@ -50,11 +50,16 @@ pub struct Config {
     pub kind: Kind,
     /// The port the proxy listens on (TCP and UDP).
     pub port: u16,
+    /// Flags added to the proxy's command line (mmproxy only).
+    pub extra_args: Vec<String>,
+    /// Only this protocol's workloads (a UDP datapath has nothing to do with TCP).
+    pub only: Option<Proto>,
 }
 
 impl Config {
     pub fn supports(&self, proto: Proto) -> bool {
         !(matches!(self.kind, Kind::Haproxy) && proto == Proto::Udp)
+            && self.only.is_none_or(|p| p == proto)
     }
 
     /// Where generators send to, and whether they send PROXY headers.
@@ -127,9 +132,24 @@ impl Config {
                     ]
                     .map(String::from),
                 );
+                argv.extend(self.extra_args.iter().cloned());
                 let args: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
                 let d = match Daemon::start_command(&net.host, &argv[0], &args) {
                     Ok(d) => d,
+                    Err(e) if unknown_flag(&format!("{e:#}"), &self.extra_args) => {
+                        return Err(Unsupported(format!(
+                            "this mmproxy has no {}",
+                            self.extra_args.join(" ")
+                        ))
+                        .into());
+                    }
+                    Err(e) if format!("{e:#}").contains(NO_KERNEL_RELAY) => {
+                        return Err(Unsupported(format!(
+                            "this mmproxy has the flag, its kernel side no UDP relay ({})",
+                            self.extra_args.join(" ")
+                        ))
+                        .into());
+                    }
                     Err(e) if format!("{e:#}").contains("not implemented") => {
                         let line = format!("{e:#}")
                             .lines()
@@ -188,6 +208,53 @@ impl Config {
     }
 }
 
+/// How much of a UDP run mmproxy's kernel datapath relayed, from its counters
+/// (`stats` line) after the run: datagrams relayed in and answers relayed out by the
+/// tc programs, against what the generator sent and heard back; the rest went
+/// through user space.
+pub fn kernel_share(line: &str, m: &mut std::collections::BTreeMap<String, f64>) {
+    let c = |name: &str| crate::daemon::counter(line, name) as f64;
+    let (relayed_in, relayed_out) = (c("kernel_udp_relayed_in"), c("kernel_udp_relayed_out"));
+    let punted: f64 = ["no_flow", "header", "packet", "mtu", "not_allowed"]
+        .iter()
+        .map(|r| c(&format!("kernel_udp_punted_{r}")))
+        .sum();
+    let sent = m.get("sent").copied().unwrap_or(0.0);
+    let received = m.get("received").copied().unwrap_or(0.0);
+    m.insert("kernel_relayed_in".into(), relayed_in);
+    m.insert("kernel_relayed_out".into(), relayed_out);
+    m.insert("kernel_punted".into(), punted);
+    m.insert("kernel_relay_failed".into(), c("kernel_udp_relay_failed"));
+    m.insert("user_datagrams".into(), c("udp_datagrams"));
+    m.insert("user_replies".into(), c("udp_replies"));
+    if sent > 0.0 {
+        m.insert(
+            "kernel_in_pct".into(),
+            (relayed_in / sent * 100.0).min(100.0),
+        );
+    }
+    if received > 0.0 {
+        m.insert(
+            "kernel_out_pct".into(),
+            (relayed_out / received * 100.0).min(100.0),
+        );
+    }
+}
+
+/// mmproxy's refusal when it knows `--udp-datapath kernel` but was built without the
+/// BPF programs behind it (a branch with the flag and not the kernel side).
+const NO_KERNEL_RELAY: &str = "--udp-datapath kernel: the kernel side has no UDP relay";
+
+/// Whether mmproxy refused to start because it does not know one of `extra`'s
+/// flags (clap: "unexpected argument '--flag' found"): a build from before the
+/// flag, reported as not in this build rather than as a failure.
+fn unknown_flag(log: &str, extra: &[String]) -> bool {
+    extra.iter().filter(|a| a.starts_with("--")).any(|flag| {
+        log.lines()
+            .any(|l| l.contains("unexpected argument") && l.contains(&format!("'{flag}'")))
+    })
+}
+
 /// HAProxy as a PROXY-protocol terminator in TPROXY mode: `accept-proxy` takes the
 /// client from the header, `usesrc clientip` connects from it (IP_TRANSPARENT),
 /// and the same loopback rules bring the answers back. Splice as the issue's
@@ -212,6 +279,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// mmproxy's counters now (its `stats` line, asked for with SIGUSR1); None for
+    /// the other proxies.
+    pub fn stats_line(&self) -> Option<String> {
+        self._daemon.as_ref()?.stats().ok()
+    }
+
     pub fn alive(&self) -> bool {
         std::path::Path::new(&format!("/proc/{}/stat", self.pid)).exists()
     }
@@ -269,5 +342,41 @@ fn wait_listening(
             bail!("nothing listening on port {port} after 10 s: {}", log());
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{kernel_share, unknown_flag};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn kernel_share_counts_what_the_tc_programs_relayed() {
+        let mut m = BTreeMap::from([("sent".to_owned(), 1000.0), ("received".to_owned(), 990.0)]);
+        let line = "udp_datagrams=8 udp_flows_created=1 kernel_udp_relayed_in=992 \
+                    kernel_udp_relayed_out=990 kernel_udp_punted_no_flow=6 \
+                    kernel_udp_punted_header=2";
+        kernel_share(line, &mut m);
+        assert_eq!(m["kernel_relayed_in"], 992.0);
+        assert_eq!(m["kernel_punted"], 8.0);
+        assert_eq!(m["user_datagrams"], 8.0);
+        assert_eq!(m["user_replies"], 0.0);
+        assert!((m["kernel_in_pct"] - 99.2).abs() < 1e-9);
+        assert_eq!(m["kernel_out_pct"], 100.0);
+    }
+
+    #[test]
+    fn a_build_without_the_flag_is_told_apart_from_a_failure() {
+        let extra = ["--udp-datapath", "kernel"].map(String::from);
+        let clap = "mmproxy did not become ready; log:\n\
+                    error: unexpected argument '--udp-datapath' found\n\n  \
+                    tip: to pass '--udp-datapath' as a value, use '-- --udp-datapath'";
+        assert!(unknown_flag(clap, &extra));
+        let refused = "ERROR --udp-datapath kernel needs the kernel side (--ebpf off given)";
+        assert!(!unknown_flag(refused, &extra));
+        assert!(!unknown_flag(
+            "error: unexpected argument '--other' found",
+            &extra
+        ));
     }
 }

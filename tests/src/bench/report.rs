@@ -9,6 +9,8 @@ use super::{Results, Workload};
 
 pub const NO_PROXY: &str = "no proxy";
 pub const GO_MMPROXY: &str = "go-mmproxy";
+/// mmproxy with `--udp-datapath kernel` (issue 16), measured on the UDP workload.
+pub const UDP_KERNEL: &str = "mmproxy (udp kernel)";
 
 /// Marks the generated part of BENCHMARKS.md.
 pub const BEGIN: &str = "<!-- bench:begin (written by cargo xtask bench) -->";
@@ -24,6 +26,37 @@ impl Results {
             .filter(|v| v.is_finite())
     }
 
+    /// The whole machine's CPU per unit of work (`Workload::cpu_unit`).
+    pub fn machine_per_unit(&self, config: &str, w: Workload) -> Option<f64> {
+        self.get(config, w, &w.cpu_unit()?.machine_metric())
+    }
+
+    /// What the proxy adds to the machine's CPU per unit of work: its figure minus
+    /// that of no proxy on the same workload in the same run.
+    pub fn extra_per_unit(&self, config: &str, w: Workload) -> Option<f64> {
+        if config == NO_PROXY {
+            return None;
+        }
+        Some(self.machine_per_unit(config, w)? - self.machine_per_unit(NO_PROXY, w)?)
+    }
+
+    /// The same, with both figures less the other processes' CPU.
+    pub fn extra_less_others(&self, config: &str, w: Workload) -> Option<f64> {
+        let m = w.cpu_unit()?.less_others_metric();
+        if config == NO_PROXY {
+            return None;
+        }
+        Some(self.get(config, w, &m)? - self.get(NO_PROXY, w, &m)?)
+    }
+
+    /// Whether `config` was measured on `w` at all (not: a UDP-only configuration on
+    /// a TCP workload).
+    pub fn ran(&self, config: &str, w: Workload) -> bool {
+        self.samples
+            .iter()
+            .any(|x| x.config == config && x.workload == w)
+    }
+
     /// Kernel memory per idle connection held for the proxy: the slab growth per
     /// connection minus that of no proxy (the generator's and the echo's sockets).
     pub fn kernel_per_conn_kib(&self, config: &str) -> Option<f64> {
@@ -32,7 +65,7 @@ impl Results {
     }
 }
 
-fn num(v: Option<f64>, decimals: usize) -> String {
+pub(super) fn num(v: Option<f64>, decimals: usize) -> String {
     match v {
         Some(v) => {
             let s = format!("{v:.decimals$}");
@@ -60,7 +93,7 @@ fn group_thousands(s: &str) -> String {
     }
 }
 
-fn ratio(v: Option<f64>, base: Option<f64>) -> String {
+pub(super) fn ratio(v: Option<f64>, base: Option<f64>) -> String {
     match (v, base) {
         (Some(v), Some(b)) if b != 0.0 => format!("{:.2}×", v / b),
         _ => "—".into(),
@@ -81,8 +114,8 @@ pub fn markdown(r: &Results) -> String {
         s,
         "Medians of {rounds} interleaved round{}; ratios are to no proxy and to go-mmproxy \
          in the same run. Proxy CPU is user+sys of the proxy process during the measured \
-         interval; peak RSS is its VmHWM during the measurement (reset once the proxy is \
-         ready).\n",
+         interval, machine CPU all CPUs' busy time in it (see the CPU table); peak RSS \
+         is its VmHWM during the measurement (reset once the proxy is ready).\n",
         if rounds == 1 { "" } else { "s" }
     );
 
@@ -95,7 +128,7 @@ pub fn markdown(r: &Results) -> String {
         );
         s.push_str("|                | ⇅ Mbps | ↓ Mbps | ↑ Mbps | ↓ msg/s | ↑ msg/s | ⇅ vs no proxy | ⇅ vs go-mmproxy | proxy CPU s | CPU ms/Gbit | peak RSS MiB |\n");
         s.push_str("| -------------- | ------ | ------ | ------ | ------- | ------- | ------------- | --------------- | ----------- | ----------- | ------------ |\n");
-        for c in cfgs {
+        for c in cfgs.iter().filter(|c| r.ran(c, w)) {
             let t = g(c, w, "total_mbps");
             let _ = writeln!(
                 s,
@@ -124,7 +157,7 @@ pub fn markdown(r: &Results) -> String {
         );
         s.push_str("|                | conn/s | vs no proxy | vs go-mmproxy | p50 ms | p99 ms | errors | proxy CPU µs/conn | peak RSS MiB |\n");
         s.push_str("| -------------- | ------ | ----------- | ------------- | ------ | ------ | ------ | ----------------- | ------------ |\n");
-        for c in cfgs {
+        for c in cfgs.iter().filter(|c| r.ran(c, w)) {
             let v = g(c, w, "conns_per_s");
             let _ = writeln!(
                 s,
@@ -151,7 +184,7 @@ pub fn markdown(r: &Results) -> String {
         );
         s.push_str("|                | p50 µs | p99 µs | p999 µs | p99 vs no proxy | p99 vs go-mmproxy | round trips/s |\n");
         s.push_str("| -------------- | ------ | ------ | ------- | --------------- | ----------------- | ------------- |\n");
-        for c in cfgs {
+        for c in cfgs.iter().filter(|c| r.ran(c, w)) {
             let v = g(c, w, "p99_us");
             let _ = writeln!(
                 s,
@@ -174,28 +207,39 @@ pub fn markdown(r: &Results) -> String {
             "### UDP: 50 clients, PROXY v2 DGRAM header + 64-byte payload, closed loop (8 outstanding each), {} s\n",
             r.options.secs
         );
-        s.push_str("|                | replies/s | vs no proxy | vs go-mmproxy | loss | proxy CPU s | peak RSS MiB |\n");
-        s.push_str("| -------------- | --------- | ----------- | ------------- | ---- | ----------- | ------------ |\n");
+        s.push_str("|                | replies/s | vs no proxy | vs go-mmproxy | loss | machine CPU µs/reply | extra over no proxy µs/reply | extra vs go-mmproxy's extra | proxy CPU µs/reply | proxy CPU s | relayed by tc in / out | peak RSS MiB |\n");
+        s.push_str("| -------------- | --------- | ----------- | ------------- | ---- | -------------------- | ---------------------------- | --------------------------- | ------------------ | ----------- | ---------------------- | ------------ |\n");
         for c in cfgs {
             if !r.medians.get(c).is_some_and(|m| m.contains_key(w.name())) {
                 let why = failure(r, c, w).unwrap_or_else(|| "not applicable".into());
-                let _ = writeln!(s, "| {c} | {why} | | | | | |");
+                let _ = writeln!(s, "| {c} | {why} | | | | | | | | | | |");
                 continue;
             }
             let v = g(c, w, "replies_per_s");
+            let relayed = match (g(c, w, "kernel_in_pct"), g(c, w, "kernel_out_pct")) {
+                (Some(i), Some(o)) => format!("{i:.1}% / {o:.1}%"),
+                _ => "—".into(),
+            };
             let _ = writeln!(
                 s,
-                "| {c} | {} | {} | {} | {}% | {} | {} |",
+                "| {c} | {} | {} | {} | {}% | {} | {} | {} | {} | {} | {relayed} | {} |",
                 num(v, 0),
                 ratio(v, g(NO_PROXY, w, "replies_per_s")),
                 ratio(v, g(GO_MMPROXY, w, "replies_per_s")),
                 num(g(c, w, "loss_pct"), 2),
+                num(r.machine_per_unit(c, w), 2),
+                num(r.extra_per_unit(c, w), 2),
+                ratio(r.extra_per_unit(c, w), r.extra_per_unit(GO_MMPROXY, w)),
+                num(g(c, w, "cpu_us_per_reply"), 2),
                 num(g(c, w, "cpu_s"), 2),
                 mib(g(c, w, "peak_rss_kib")),
             );
         }
         s.push('\n');
     }
+
+    super::cpu_report::cpu_table(r, &mut s);
+    super::cpu_report::udp_kernel_targets(r, &mut s);
 
     let w = Workload::Idle;
     if r.options.workloads.contains(&w) {
@@ -206,7 +250,7 @@ pub fn markdown(r: &Results) -> String {
         );
         s.push_str("|                | proxy RSS KiB/conn | kernel KiB/conn (proxy's share) | kernel KiB/conn (all, slab) | proxy fds/conn | peak RSS MiB |\n");
         s.push_str("| -------------- | ------------------ | ------------------------------- | --------------------------- | -------------- | ------------ |\n");
-        for c in cfgs {
+        for c in cfgs.iter().filter(|c| r.ran(c, w)) {
             let kernel = if c == NO_PROXY {
                 "— (baseline)".to_owned()
             } else {

@@ -82,6 +82,13 @@ pub fn clock_ticks() -> f64 {
     }
 }
 
+/// CPUs online: what the machine-wide busy time of `/proc/stat` is shared by.
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
 /// User + system CPU seconds of process `pid` (all its threads), from /proc.
 pub fn cpu_seconds(pid: i32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))

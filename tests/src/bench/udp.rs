@@ -19,6 +19,7 @@ use mio::{Events, Interest, Poll};
 use mmproxy::proxy_protocol::{Transport, V2Builder};
 
 use super::batch::Batch;
+use super::cpu::Used;
 use super::load::{CpuProbe, Target};
 use super::net::Tuples;
 
@@ -35,7 +36,7 @@ pub struct Udp {
     pub secs: f64,
     pub sent: u64,
     pub received: u64,
-    pub cpu_s: Option<f64>,
+    pub cpu: Used,
 }
 
 impl Udp {
@@ -110,7 +111,7 @@ pub fn closed_loop(
     let cpu0 = cpu();
     let start = Instant::now();
     let end = start + dur;
-    let (sent, received) = thread::scope(|scope| {
+    let (sent, received, cpu_end) = thread::scope(|scope| {
         let (tx, rx) = mpsc::channel();
         // Threads made here are in the client namespace, like this one (setns is per
         // thread, and a new thread inherits its creator's), and inherit its CPU
@@ -128,6 +129,11 @@ pub fn closed_loop(
             })
             .collect();
         drop(tx);
+        // The CPU counters are read when sending stops: the grace period after it
+        // only collects the last windows' replies, and would add idle time and other
+        // processes' work to the figures.
+        thread::sleep(end.saturating_duration_since(Instant::now()));
+        let cpu_end = cpu();
         let (mut sent, mut received) = (0, 0);
         let mut failed = None;
         for r in rx.iter() {
@@ -146,7 +152,7 @@ pub fn closed_loop(
         }
         match failed {
             Some(e) => Err(e),
-            None => Ok((sent, received)),
+            None => Ok((sent, received, cpu_end)),
         }
     })?;
     // Replies are counted until the grace period ends; the rate uses the sending time.
@@ -155,10 +161,7 @@ pub fn closed_loop(
         secs,
         sent,
         received,
-        cpu_s: match (cpu0, cpu()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        },
+        cpu: cpu0.until(&cpu_end),
     })
 }
 

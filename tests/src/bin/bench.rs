@@ -24,8 +24,9 @@ struct Cli {
     /// Only these workloads (idle, latency, throughput, conn_rate, udp; repeatable).
     #[arg(long = "only")]
     only: Vec<String>,
-    /// Only the configurations with these names ("no proxy", mmproxy, go-mmproxy,
-    /// "HAProxy TPROXY", a peer's file name; repeatable).
+    /// Only the configurations with these names ("no proxy", mmproxy,
+    /// "mmproxy (udp kernel)", go-mmproxy, "HAProxy TPROXY", a peer's file name;
+    /// repeatable).
     #[arg(long = "config")]
     configs: Vec<String>,
     /// Length of the throughput run in seconds (default 10, 1 with --quick).
