@@ -70,6 +70,13 @@ impl Flow {
         let kernel = self.kernel.as_ref().map_or(0, |k| k.last_active(clock));
         answered.max(kernel)
     }
+
+    /// [`Flow::last_active`] in microseconds, as finely as the kernel tells.
+    pub(super) fn last_active_us(&self, clock: &Clock) -> u64 {
+        let answered = self.shared.last_answer.load(Ordering::Relaxed);
+        let kernel = self.kernel.as_ref().map_or(0, |k| k.last_active_us(clock));
+        answered.saturating_mul(1000).max(kernel)
+    }
 }
 
 impl Drop for Flow {

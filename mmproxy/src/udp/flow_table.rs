@@ -165,11 +165,17 @@ impl<K: Hash + Eq + Copy, V> FlowTable<K, V> {
     }
 
     /// For a full table about to evict: removes and returns the flow idle longest
-    /// among the `looks` least recently used, by the later of the table's time and
-    /// `activity` (use the table did not see). Each look may cost the caller a
-    /// lookup, hence the bound; nothing is reordered, so the table's order stays
-    /// its own (a flow busy elsewhere stays at the tail, to be looked at again).
-    pub fn pop_idlest(&mut self, looks: usize, activity: impl Fn(&V) -> u64) -> Option<(K, V)> {
+    /// among the `looks` least recently used, by `last_seen(last_used, value)`: the
+    /// later of the table's time and use the table did not see, on whatever scale
+    /// the caller likes (a finer one than the table's ticks tells apart flows used
+    /// within one tick). Each look may cost the caller a lookup, hence the bound;
+    /// nothing is reordered, so the table's order stays its own (a flow busy
+    /// elsewhere stays at the tail, to be looked at again).
+    pub fn pop_idlest(
+        &mut self,
+        looks: usize,
+        last_seen: impl Fn(u64, &V) -> u64,
+    ) -> Option<(K, V)> {
         let mut i = self.tail;
         let mut idlest: Option<(usize, u64)> = None;
         for _ in 0..looks.max(1) {
@@ -179,7 +185,7 @@ impl<K: Hash + Eq + Copy, V> FlowTable<K, V> {
             let Some((_, v)) = slot.entry.as_ref() else {
                 break;
             };
-            let seen = slot.last_used.max(activity(v));
+            let seen = last_seen(slot.last_used, v);
             if idlest.is_none_or(|(_, t)| seen < t) {
                 idlest = Some((i, seen));
             }
@@ -347,14 +353,14 @@ mod tests {
         // 0 and 1 were busy elsewhere at 50 and 60; 2 was not, 3 is the newest.
         seen[0].set(50);
         seen[1].set(60);
-        let activity = |v: &usize| seen[*v].get();
+        let activity = |used: u64, v: &usize| used.max(seen[*v].get());
         assert_eq!(t.pop_idlest(8, activity), Some((2, 2)));
         assert_eq!(keys(&t), [3, 1, 0], "nothing reordered");
         // Only `looks` flows are looked at: of 0 and 1, 0 was idle longer.
         t.insert(4, 4, 70);
         assert_eq!(t.pop_idlest(2, activity), Some((0, 0)));
         // Nothing busy elsewhere: the least recently used, as insert() would.
-        assert_eq!(t.pop_idlest(8, |_| 0), Some((1, 1)));
+        assert_eq!(t.pop_idlest(8, |used, _| used), Some((1, 1)));
         assert_eq!(keys(&t), [4, 3]);
         t.drain().for_each(drop);
         assert_eq!(t.pop_idlest(8, activity), None);

@@ -182,6 +182,14 @@ impl KernelHalf {
             .map_or(0, |t| clock.ms_of_monotonic(t))
     }
 
+    /// [`KernelHalf::last_active`] in microseconds.
+    pub(super) fn last_active_us(&self, clock: &Clock) -> u64 {
+        self.registration
+            .as_ref()
+            .and_then(RelayRegistration::last_active)
+            .map_or(0, |t| clock.us_of_monotonic(t))
+    }
+
     #[cfg(test)]
     pub(super) fn registered(&self) -> Option<&RelayFlow> {
         self.registration.as_ref().map(RelayRegistration::flow)

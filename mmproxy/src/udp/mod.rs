@@ -148,6 +148,11 @@ impl Clock {
     fn ms_of_monotonic(&self, t: Duration) -> u64 {
         u64::try_from(t.saturating_sub(self.monotonic_start).as_millis()).unwrap_or(u64::MAX)
     }
+
+    /// [`Clock::ms_of_monotonic`] in microseconds.
+    fn us_of_monotonic(&self, t: Duration) -> u64 {
+        u64::try_from(t.saturating_sub(self.monotonic_start).as_micros()).unwrap_or(u64::MAX)
+    }
 }
 
 /// CLOCK_MONOTONIC now (zero if it cannot be read, which Linux never refuses).

@@ -403,9 +403,12 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             // Kernel-relayed traffic never touches the table: the least recently
             // used flow by the table may be busy in the kernel.
             let clock = self.ctx.clock;
-            evicted = self
-                .table
-                .pop_idlest(EVICTION_LOOKS, |flow| flow.last_active(&clock));
+            evicted = self.table.pop_idlest(EVICTION_LOOKS, |used_ms, flow| {
+                // In microseconds: flows set up within one millisecond (a burst
+                // of new clients) differ only in when the kernel last saw them.
+                flow.last_active_us(&clock)
+                    .max(used_ms.saturating_mul(1000))
+            });
         }
         // With room made above, insert() evicts nothing.
         evicted = self.table.insert(id, flow, now).or(evicted);
