@@ -94,7 +94,7 @@ pub struct Config {
     /// Non-zero with `--udp-datapath kernel`: the tc programs relay the datagrams
     /// and answers of flows in `UDP_RELAY`. Zero spares every packet the lookup.
     pub udp_relay: u32,
-    /// `--max-header-len`: longer PROXY headers are left to user space, which
+    /// `--max-header-size`: longer PROXY headers are left to user space, which
     /// refuses them.
     pub max_header_len: u32,
 }
@@ -389,7 +389,7 @@ pub enum Counter {
     /// flow (a flow's first datagram): left to user space.
     UdpPuntedNoFlow = 11,
     /// A datagram whose PROXY header the kernel does not relay (LOCAL, TLVs it does
-    /// not skip, over `--max-header-len`, malformed, another family than the
+    /// not skip, over `--max-header-size`, malformed, another family than the
     /// packet's): left to user space, which decides.
     UdpPuntedHeader = 12,
     /// A packet the kernel does not rewrite: IP options, a fragment, IPv6

@@ -151,7 +151,7 @@ pub struct KernelOptions<'a> {
     pub flow_capacity: u32,
     /// `--udp-datapath kernel`: the tc programs relay established UDP flows.
     pub udp_relay: bool,
-    /// `--max-header-len`, for the kernel's PROXY header check.
+    /// `--max-header-size`, for the kernel's PROXY header check.
     pub max_header_len: u32,
     /// Capacity of the UDP relay table with `udp_relay`: two entries per UDP flow.
     pub relay_capacity: u32,
