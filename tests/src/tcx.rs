@@ -85,3 +85,32 @@ fn interface_names(ns: &Netns) -> Result<BTreeMap<u32, String>> {
         })
         .collect())
 }
+
+/// `"prog_id":N` of every BPF link in the system, per `bpftool link show -j`: tcx
+/// links included, whatever the bpftool version makes of their type.
+pub fn attached_prog_ids() -> Result<BTreeSet<u32>> {
+    // bpftool fails when a link it has just listed goes away before it opens it
+    // (other tests' daemons come and go): try again.
+    let mut tries = 0;
+    let out = loop {
+        match crate::netns::output(
+            std::process::Command::new("bpftool").args(["link", "show", "-j"]),
+        ) {
+            Ok(out) => break out,
+            Err(e) if tries >= 20 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    };
+    Ok(out
+        .split("\"prog_id\":")
+        .skip(1)
+        .filter_map(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .collect())
+}

@@ -12,7 +12,7 @@ use mmproxy_tests::balancer::{proxied, UdpBalancer};
 use mmproxy_tests::client::roundtrip;
 use mmproxy_tests::daemon::{Daemon, FALLBACK_WARNING};
 use mmproxy_tests::netns::Netns;
-use mmproxy_tests::tcx::held_by;
+use mmproxy_tests::tcx::{attached_prog_ids, held_by};
 use mmproxy_tests::topology::*;
 use mmproxy_tests::udp_upstream::UdpEcho;
 use mmproxy_tests::upstream::EchoServer;
@@ -59,34 +59,6 @@ fn ifindex(ns: &Netns, dev: &str) -> Result<u32> {
         .next()
         .and_then(|n| n.trim().parse().ok())
         .with_context(|| format!("index of {dev}: {out}"))
-}
-
-/// `"prog_id":N` of every BPF link in the system, per `bpftool link show -j`.
-fn attached_prog_ids() -> Result<BTreeSet<u32>> {
-    // bpftool fails when a link it has just listed goes away before it opens it
-    // (other tests' daemons come and go): try again.
-    let mut tries = 0;
-    let out = loop {
-        match mmproxy_tests::netns::output(
-            std::process::Command::new("bpftool").args(["link", "show", "-j"]),
-        ) {
-            Ok(out) => break out,
-            Err(e) if tries >= 20 => return Err(e),
-            Err(_) => {
-                tries += 1;
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    Ok(out
-        .split("\"prog_id\":")
-        .skip(1)
-        .filter_map(|s| {
-            s.split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|n| n.parse().ok())
-        })
-        .collect())
 }
 
 fn prog_listed(id: u32) -> bool {

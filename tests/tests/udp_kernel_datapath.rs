@@ -14,7 +14,7 @@ use mmproxy_tests::args::{DaemonArgs, Ebpf, Mode, UdpDatapath};
 use mmproxy_tests::balancer::{dgram, UdpBalancer};
 use mmproxy_tests::daemon::{check, counter, AllowedFile, Daemon, READY};
 use mmproxy_tests::netns::Netns;
-use mmproxy_tests::tcx::{held_by, tcx_links};
+use mmproxy_tests::tcx::{attached_prog_ids, held_by, tcx_links};
 use mmproxy_tests::topology::*;
 use mmproxy_tests::udp_counts::{answers_relayed, wait_total};
 use mmproxy_tests::udp_upstream::{answer, UdpEcho};
@@ -455,35 +455,6 @@ fn eviction_at_max_flows_removes_both_halves_from_the_kernel() -> Result<()> {
     assert_eq!(counter(&line, "udp_flows_evicted"), 2, "{line}");
     assert_unchanged(&evicted, &line, &["kernel_udp_relayed_in"]);
     Ok(())
-}
-
-/// The programs of every BPF link in the system (`bpftool link show -j`): tcx links
-/// included, whatever the bpftool version makes of their type.
-fn attached_prog_ids() -> Result<BTreeSet<u32>> {
-    // A link listed and gone before bpftool opens it (other tests' daemons come and
-    // go) fails the listing: try again.
-    let mut tries = 0;
-    let out = loop {
-        match mmproxy_tests::netns::output(
-            std::process::Command::new("bpftool").args(["link", "show", "-j"]),
-        ) {
-            Ok(out) => break out,
-            Err(e) if tries >= 20 => return Err(e),
-            Err(_) => {
-                tries += 1;
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    Ok(out
-        .split("\"prog_id\":")
-        .skip(1)
-        .filter_map(|s| {
-            s.split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|n| n.parse().ok())
-        })
-        .collect())
 }
 
 /// A daemon relaying a flow in the kernel is SIGKILLed: no program of it stays on
