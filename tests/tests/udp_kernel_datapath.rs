@@ -135,6 +135,37 @@ fn exchange(
     Ok(())
 }
 
+/// `flow` has just been closed (expired or evicted; `closed` is the stats line
+/// then): the kernel has forgotten both halves. An answer nobody asked for is not
+/// relayed, and the flow's next datagram goes through user space (one more
+/// `udp_datagrams`, none more `kernel_udp_relayed_in`) and is answered. Returns the
+/// stats line after that answer, for the caller's own counts.
+fn assert_forgotten_by_the_kernel(
+    d: &Daemon,
+    b: &UdpBalancer,
+    service: &Service,
+    flow: (SocketAddr, SocketAddr),
+    closed: &str,
+) -> Result<String> {
+    b.0.set_read_timeout(Some(NO_ANSWER))?;
+    service.send_to(b"to a closed flow", flow.0)?;
+    assert_eq!(b.try_recv()?, None, "a closed flow's answer was relayed");
+    b.0.set_read_timeout(Some(WAIT))?;
+    exchange(b, service, flow, b"again", b"new flow")?;
+    let line = wait_total(
+        d,
+        "answers relayed",
+        answers_relayed,
+        answers_relayed(closed) + 1,
+        WAIT,
+    )?;
+    assert_eq!(delta(closed, &line, "udp_datagrams"), 1, "{line}");
+    // (Its answer may be the kernel's: the new flow is registered before its
+    // first datagram is sent on.)
+    assert_unchanged(closed, &line, &["kernel_udp_relayed_in"]);
+    Ok(line)
+}
+
 /// `client`'s first datagram through `lb` to `to` (user space), then `n` more,
 /// every other one with a TLV the kernel skips (ALPN, checked by framing alone): each reaches the service (`peer`
 /// says whom it saw) as the client and is answered, the user-space counters stay
@@ -392,25 +423,8 @@ fn an_idle_flow_expires_after_close_after_in_both_directions_and_kernel_traffic_
     );
 
     let expired = d.wait_counter("udp_flows_expired", 1, WAIT)?;
-    // The answer half is gone from the kernel.
-    b.0.set_read_timeout(Some(NO_ANSWER))?;
-    service.send_to(b"after expiry", flow.0)?;
-    assert_eq!(b.try_recv()?, None, "an expired flow's answer was relayed");
-    b.0.set_read_timeout(Some(WAIT))?;
-    // The datagram half too: the next datagram is user space's, a new flow.
-    exchange(&b, &service, flow, b"again", b"new flow")?;
-    let line = wait_total(
-        &d,
-        "answers relayed",
-        answers_relayed,
-        answers_relayed(&expired) + 1,
-        WAIT,
-    )?;
-    assert_eq!(delta(&expired, &line, "udp_datagrams"), 1, "{line}");
+    let line = assert_forgotten_by_the_kernel(&d, &b, &service, flow, &expired)?;
     assert_eq!(counter(&line, "udp_flows_created"), 2, "{line}");
-    // (Its answer may be the kernel's: the new flow is registered before its
-    // first datagram is sent on.)
-    assert_unchanged(&expired, &line, &["kernel_udp_relayed_in"]);
     Ok(())
 }
 
@@ -438,22 +452,9 @@ fn eviction_at_max_flows_removes_both_halves_from_the_kernel() -> Result<()> {
     let evicted = d.wait_counter("udp_flows_evicted", 1, WAIT)?;
     assert_eq!(counter(&evicted, "udp_flows_created"), 2, "{evicted}");
 
-    ba.0.set_read_timeout(Some(NO_ANSWER))?;
-    service.send_to(b"to the evicted", a.0)?;
-    assert_eq!(ba.try_recv()?, None, "an evicted flow's answer was relayed");
-    ba.0.set_read_timeout(Some(WAIT))?;
-    exchange(&ba, &service, a, b"a again", b"a3")?;
-    let line = wait_total(
-        &d,
-        "answers relayed",
-        answers_relayed,
-        answers_relayed(&evicted) + 1,
-        WAIT,
-    )?;
-    assert_eq!(delta(&evicted, &line, "udp_datagrams"), 1, "{line}");
+    let line = assert_forgotten_by_the_kernel(&d, &ba, &service, a, &evicted)?;
     assert_eq!(counter(&line, "udp_flows_created"), 3, "{line}");
     assert_eq!(counter(&line, "udp_flows_evicted"), 2, "{line}");
-    assert_unchanged(&evicted, &line, &["kernel_udp_relayed_in"]);
     Ok(())
 }
 
