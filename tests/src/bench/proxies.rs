@@ -215,7 +215,7 @@ impl Config {
 pub fn kernel_share(line: &str, m: &mut std::collections::BTreeMap<String, f64>) {
     let c = |name: &str| crate::daemon::counter(line, name) as f64;
     let (relayed_in, relayed_out) = (c("kernel_udp_relayed_in"), c("kernel_udp_relayed_out"));
-    let punted: f64 = ["no_flow", "header", "packet", "mtu", "not_allowed"]
+    let punted: f64 = ["no_flow", "header", "packet", "mtu", "not_allowed", "held"]
         .iter()
         .map(|r| c(&format!("kernel_udp_punted_{r}")))
         .sum();
