@@ -434,7 +434,8 @@ pub enum Counter {
     /// A packet the kernel does not rewrite: IP options, a fragment, IPv6
     /// extension headers, a TTL or hop limit about to run out.
     UdpPuntedPacket = 13,
-    /// A packet that would not fit the outgoing interface's MTU after rewriting.
+    /// A packet that would not fit the outgoing interface's MTU after rewriting,
+    /// or whose outgoing interface no longer exists.
     UdpPuntedMtu = 14,
     /// A datagram from a proxy outside the allowed subnets: left to the normal
     /// path, where sk_lookup refuses it.

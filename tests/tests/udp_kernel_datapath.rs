@@ -703,3 +703,68 @@ fn narrowing_the_allowlist_with_sighup_stops_a_kernel_relayed_flow_at_once() -> 
     assert_eq!(echo.next_peer(WAIT)?, sa("198.51.100.78:7800"));
     Ok(())
 }
+
+/// A container's veth is deleted and made again while a flow to its service is
+/// relayed by the kernel (the new veth has another interface index): the flow's
+/// datagrams are not lost to the old index. The kernel leaves them to user space,
+/// which relays them over the new veth and hands the flow to the kernel again with
+/// the new route, and the kernel relays it from then on.
+#[test]
+fn a_relayed_flow_follows_its_services_veth_when_it_is_made_again() -> Result<()> {
+    require_root!();
+    let t = Topology::with_app()?;
+    let app = t.app.as_ref().context("app namespace")?;
+    let echo = UdpEcho::start(app, &[&sock(APP_V4, 9000)])?;
+    let d = Daemon::start(&t.host, &kernel_to(APP_V4, APP_V6))?;
+    let b = UdpBalancer::new(&t, LB_V4)?;
+    let (client, to) = (sa("198.51.100.78:7800"), mm(HOST_V4));
+    b.roundtrip(client, to, b"first")?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
+    b.roundtrip(client, to, b"kernel")?;
+    let before = d.wait_counter("kernel_udp_relayed_in", 1, WAIT)?;
+    for _ in 0..2 {
+        assert_eq!(echo.next_peer(WAIT)?, client);
+    }
+
+    t.host.ip(&["link", "del", "app0"])?;
+    t.host.link("app0", app, "eth0")?;
+    t.host.addr("app0", &format!("{APP_GW_V4}/25"))?;
+    app.addr("eth0", &format!("{APP_V4}/25"))?;
+    app.ip(&["route", "add", "default", "via", APP_GW_V4])?;
+    // The answers of a service behind a veth need its tc ingress program.
+    let deadline = Instant::now() + WAIT;
+    while !tcx_links(d.pid(), &t.host)?.contains(&("app0".to_owned(), "ingress")) {
+        ensure!(
+            Instant::now() < deadline,
+            "app0 never got its ingress program\n{}",
+            d.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // Through user space, until the flow is handed over again (the daemon offers
+    // a flow whose datagrams reach it anyway at most once a second).
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        b.roundtrip(client, to, b"over the new veth")
+            .with_context(|| d.log_text())?;
+        assert_eq!(echo.next_peer(WAIT)?, client);
+        let line = d.stats()?;
+        if delta(&before, &line, RELEASED) > 0 {
+            break line;
+        }
+        ensure!(Instant::now() < deadline, "never handed over again: {line}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    b.roundtrip(client, to, b"in the kernel again")
+        .with_context(|| d.log_text())?;
+    let after = d.wait_counter(
+        "kernel_udp_relayed_in",
+        counter(&line, "kernel_udp_relayed_in") + 1,
+        WAIT,
+    )?;
+    assert_eq!(echo.next_peer(WAIT)?, client);
+    assert_eq!(delta(&before, &after, "udp_flows_created"), 0, "{after}");
+    assert_eq!(counter(&after, "kernel_udp_relay_failed"), 0, "{after}");
+    Ok(())
+}
