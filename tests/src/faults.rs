@@ -85,7 +85,21 @@ pub struct HoldingServer {
 impl HoldingServer {
     pub fn start(ns: &Netns, addr: &str) -> Result<Self> {
         let addr: SocketAddr = addr.parse().context("holding server address")?;
-        let listener = ns.enter(move || TcpListener::bind(addr))??;
+        // Thousands of connections arrive in one burst; with a short accept queue the
+        // kernel drops their final ACKs and retries SYN-ACKs with backoff, and a
+        // connection can give up before the one accepting thread reaches it.
+        ns.sysctl("net.core.somaxconn", "16384")?;
+        let listener = ns.enter(move || -> std::io::Result<TcpListener> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(16384)?;
+            Ok(s.into())
+        })??;
         let accepted = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(Mutex::new(Vec::new()));
         let (n, h) = (accepted.clone(), held.clone());
