@@ -19,6 +19,15 @@ use crate::{CONFIG, UDP_RELAY};
 /// Answers of loopback services, on `lo`'s egress. Nothing else happens here.
 #[classifier]
 pub fn mmproxy_tc_lo_egress(ctx: TcContext) -> i32 {
+    // A local service's answer is made here (skb_iif 0). A packet that came in
+    // through a device and now leaves through lo is the inbound relay's own
+    // datagram on its way to a loopback target (bpf_redirect_neigh into lo): no
+    // answer, and looking it up would cost every relayed datagram a parse and a
+    // map miss.
+    // SAFETY: a plain read of the context the kernel hands tc programs.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return TC_ACT_UNSPEC;
+    }
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_UNSPEC;
     };
