@@ -235,11 +235,6 @@ pub const RELAY_OUT: u8 = 2;
 /// is zeroed so `lo` accepts it as addressed to itself.
 pub const RELAY_TO_LO: u8 = 1;
 
-/// `RelayAction::flags`: `nh_addr` is the next hop towards `dst` on `ifindex`
-/// (user space asked the routing table once), so `bpf_redirect_neigh` resolves
-/// that neighbour directly instead of looking the route up for every packet.
-pub const RELAY_NEXTHOP: u8 = 2;
-
 /// One half of a UDP flow relayed by the kernel (`--udp-datapath kernel`), as its
 /// packets look when they reach a tc program. Both halves of a flow live in the one
 /// `UDP_RELAY` LRU hash; user space adds and removes them together.
@@ -356,9 +351,6 @@ pub struct RelayAction {
     /// `FAMILY_V4` or `FAMILY_V6`, the same as the key's.
     pub family: u8,
     pub _pad: [u8; 2],
-    /// With `RELAY_NEXTHOP`: the gateway or on-link neighbour to send to, in the
-    /// action's family.
-    pub nh_addr: [u8; 16],
 }
 
 /// Default capacity of `UDP_RELAY` (two entries per flow); the daemon sizes it from
@@ -531,7 +523,7 @@ mod tests {
 
     #[test]
     fn relay_action_layout() {
-        assert_eq!(size_of::<RelayAction>(), 72);
+        assert_eq!(size_of::<RelayAction>(), 56);
         assert_eq!(align_of::<RelayAction>(), 8);
         assert_eq!(offset_of!(RelayAction, last_ns), 0);
         assert_eq!(offset_of!(RelayAction, src_addr), 8);
@@ -543,7 +535,6 @@ mod tests {
         assert_eq!(offset_of!(RelayAction, flags), 52);
         assert_eq!(offset_of!(RelayAction, family), 53);
         assert_eq!(offset_of!(RelayAction, _pad), 54);
-        assert_eq!(offset_of!(RelayAction, nh_addr), 56);
     }
 
     #[test]
