@@ -18,11 +18,11 @@ pub enum Verdict {
 }
 
 /// Whether the packet, `len_diff` bytes longer or shorter, fits the MTU of
-/// `ifindex`. Delivery into `lo` is not checked (its MTU is 64 KiB, and what a
-/// socket could send there the relay can too).
+/// `ifindex`. Delivery into or through `lo` (`lo_ifindex`) is not checked (its MTU
+/// is 64 KiB, and what a socket could send there the relay can too).
 #[inline(always)]
-pub fn fits(ctx: &TcContext, action: &RelayAction, len_diff: i32) -> bool {
-    if action.flags & RELAY_TO_LO != 0 {
+pub fn fits(ctx: &TcContext, action: &RelayAction, len_diff: i32, lo_ifindex: u32) -> bool {
+    if action.flags & RELAY_TO_LO != 0 || action.ifindex == lo_ifindex {
         return true;
     }
     let mut mtu_len: u32 = 0;

@@ -43,7 +43,7 @@ pub fn relay_out(ctx: &TcContext, config: &Config) -> Verdict {
     if config.udp_relay == 0 {
         return Verdict::NotOurs;
     }
-    let v = try_relay_out(ctx);
+    let v = try_relay_out(ctx, config);
     if let Verdict::Punt(c) = v {
         crate::count(c);
     }
@@ -51,7 +51,7 @@ pub fn relay_out(ctx: &TcContext, config: &Config) -> Verdict {
 }
 
 #[inline(always)]
-fn try_relay_out(ctx: &TcContext) -> Verdict {
+fn try_relay_out(ctx: &TcContext, config: &Config) -> Verdict {
     let Some(pkt) = parse_udp(ctx) else {
         return Verdict::NotOurs;
     };
@@ -64,7 +64,7 @@ fn try_relay_out(ctx: &TcContext) -> Verdict {
     if !pkt.simple || pkt.ttl <= 1 || a.family != pkt.family {
         return Verdict::Punt(Counter::UdpPuntedPacket);
     }
-    if !fits(ctx, a, 0) {
+    if !fits(ctx, a, 0, config.lo_ifindex) {
         return Verdict::Punt(Counter::UdpPuntedMtu);
     }
     if rewrite(ctx, pkt, a, 0, 0).is_err() {
