@@ -17,6 +17,7 @@ pub mod map_names {
     pub const LISTENERS: &str = "LISTENERS";
     pub const FLOWS: &str = "FLOWS";
     pub const UDP_RELAY: &str = "UDP_RELAY";
+    pub const UDP_RELEASE: &str = "UDP_RELEASE";
 }
 
 /// Names of the programs in the BPF object.
@@ -235,6 +236,13 @@ pub const RELAY_OUT: u8 = 2;
 /// is zeroed so `lo` accepts it as addressed to itself.
 pub const RELAY_TO_LO: u8 = 1;
 
+/// `RelayAction::flags` (inbound half): the flow's datagrams still go to user
+/// space, counted in `held_punts`, because earlier ones may be queued there; the
+/// kernel relaying later ones would overtake them. Set when user space adds the
+/// half; cleared by the tc program once `UDP_RELEASE` says user space has taken
+/// every datagram counted so far (see [`RelayRelease`]).
+pub const RELAY_HELD: u8 = 2;
+
 /// One half of a UDP flow relayed by the kernel (`--udp-datapath kernel`), as its
 /// packets look when they reach a tc program. Both halves of a flow live in the one
 /// `UDP_RELAY` LRU hash; user space adds and removes them together.
@@ -351,7 +359,38 @@ pub struct RelayAction {
     /// `FAMILY_V4` or `FAMILY_V6`, the same as the key's.
     pub family: u8,
     pub _pad: [u8; 2],
+    /// Which registration this is: user space numbers every add, so a release
+    /// written for an earlier registration of the same key never applies.
+    pub generation: u32,
+    pub _pad2: u32,
+    /// Datagrams left to user space while `RELAY_HELD` (inbound half): counted by
+    /// the kernel (atomically: 64 bits is the width BPF has atomics for), read by
+    /// user space.
+    pub held_punts: u64,
 }
+
+/// The value of `UDP_RELEASE` (keyed by the inbound half's [`RelayKey`]): user
+/// space has taken from its listening socket, and sent on, every datagram of that
+/// registration the kernel had counted in `held_punts` when it was `taken`. When
+/// the kernel's count still equals it, nothing of the flow is queued in user
+/// space and the kernel may relay from then on.
+///
+/// It lives in its own map because the kernel writes the action's `held_punts`
+/// concurrently: user space writing the action would overwrite a count it has not
+/// seen.
+///
+/// `taken` = [`RELEASE_ANYWAY`] ends the hold whatever the count: for a flow whose
+/// datagrams never pause long enough for an exact release.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RelayRelease {
+    pub generation: u32,
+    pub _pad: u32,
+    pub taken: u64,
+}
+
+/// `RelayRelease::taken` that ends a hold whatever the kernel has counted.
+pub const RELEASE_ANYWAY: u64 = u64::MAX;
 
 /// Default capacity of `UDP_RELAY` (two entries per flow); the daemon sizes it from
 /// `--max-flows` at load time.
@@ -395,7 +434,8 @@ pub enum Counter {
     /// A packet the kernel does not rewrite: IP options, a fragment, IPv6
     /// extension headers, a TTL or hop limit about to run out.
     UdpPuntedPacket = 13,
-    /// A packet that would not fit the outgoing interface's MTU after rewriting.
+    /// A packet that would not fit the outgoing interface's MTU after rewriting,
+    /// or whose outgoing interface no longer exists.
     UdpPuntedMtu = 14,
     /// A datagram from a proxy outside the allowed subnets: left to the normal
     /// path, where sk_lookup refuses it.
@@ -403,10 +443,13 @@ pub enum Counter {
     /// A rewrite or redirect helper failed; the packet was dropped if already
     /// changed, left alone otherwise.
     UdpRelayFailed = 16,
+    /// A datagram of a flow the kernel holds (`RELAY_HELD`): earlier ones may
+    /// still be queued for user space, which takes this one too, in order.
+    UdpPuntedHeld = 17,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 18] = [
         Counter::RefusedV4,
         Counter::RefusedV6,
         Counter::AllowedV4,
@@ -424,6 +467,7 @@ impl Counter {
         Counter::UdpPuntedMtu,
         Counter::UdpPuntedNotAllowed,
         Counter::UdpRelayFailed,
+        Counter::UdpPuntedHeld,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -445,6 +489,7 @@ impl Counter {
             Counter::UdpPuntedMtu => "kernel_udp_punted_mtu",
             Counter::UdpPuntedNotAllowed => "kernel_udp_punted_not_allowed",
             Counter::UdpRelayFailed => "kernel_udp_relay_failed",
+            Counter::UdpPuntedHeld => "kernel_udp_punted_held",
         }
     }
 }
@@ -460,6 +505,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::RelayKey {}
     unsafe impl aya::Pod for super::RelayAction {}
+    unsafe impl aya::Pod for super::RelayRelease {}
 }
 
 #[cfg(test)]
@@ -523,7 +569,7 @@ mod tests {
 
     #[test]
     fn relay_action_layout() {
-        assert_eq!(size_of::<RelayAction>(), 56);
+        assert_eq!(size_of::<RelayAction>(), 72);
         assert_eq!(align_of::<RelayAction>(), 8);
         assert_eq!(offset_of!(RelayAction, last_ns), 0);
         assert_eq!(offset_of!(RelayAction, src_addr), 8);
@@ -535,6 +581,18 @@ mod tests {
         assert_eq!(offset_of!(RelayAction, flags), 52);
         assert_eq!(offset_of!(RelayAction, family), 53);
         assert_eq!(offset_of!(RelayAction, _pad), 54);
+        assert_eq!(offset_of!(RelayAction, generation), 56);
+        assert_eq!(offset_of!(RelayAction, _pad2), 60);
+        assert_eq!(offset_of!(RelayAction, held_punts), 64);
+    }
+
+    #[test]
+    fn relay_release_layout() {
+        assert_eq!(size_of::<RelayRelease>(), 16);
+        assert_eq!(align_of::<RelayRelease>(), 8);
+        assert_eq!(offset_of!(RelayRelease, generation), 0);
+        assert_eq!(offset_of!(RelayRelease, _pad), 4);
+        assert_eq!(offset_of!(RelayRelease, taken), 8);
     }
 
     #[test]

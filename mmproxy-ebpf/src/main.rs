@@ -20,6 +20,10 @@
 //! answers (and alone on `lo` egress). Both halves live in `UDP_RELAY`.
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so core's atomics offer no fetch_add;
+// the intrinsic compiles to the BPF atomic add instruction.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod parse;
 mod proxy_v2;
@@ -41,9 +45,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::read_volatile;
 use mmproxy_common::{
-    Config, Counter, FlowKey, ListenRule, RelayAction, RelayKey, COUNTER_SLOTS, FAMILY_V4,
-    FAMILY_V6, MAX_ALLOWED_SUBNETS, MAX_FLOWS, MAX_LISTENERS, MAX_LISTEN_RULES, MAX_RELAY_ENTRIES,
-    PROTO_TCP, PROTO_UDP, RULE_ANY_ADDR, RULE_STEER,
+    Config, Counter, FlowKey, ListenRule, RelayAction, RelayKey, RelayRelease, COUNTER_SLOTS,
+    FAMILY_V4, FAMILY_V6, MAX_ALLOWED_SUBNETS, MAX_FLOWS, MAX_LISTENERS, MAX_LISTEN_RULES,
+    MAX_RELAY_ENTRIES, PROTO_TCP, PROTO_UDP, RULE_ANY_ADDR, RULE_STEER,
 };
 use relay::Verdict;
 use relay_out::relay_out;
@@ -80,6 +84,12 @@ static FLOWS: HashMap<FlowKey, u8> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_
 #[map]
 static UDP_RELAY: LruHashMap<RelayKey, RelayAction> =
     LruHashMap::with_max_entries(MAX_RELAY_ENTRIES, 0);
+
+/// What user space has taken of each held flow (`RELAY_HELD`, relay_in.rs). An LRU:
+/// entries are not removed when flows close, and one lost early only keeps its
+/// flow in user space until the next release.
+#[map]
+static UDP_RELEASE: LruHashMap<RelayKey, RelayRelease> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 /// Per-CPU room for the packet being relayed (parse.rs).
 #[map]

@@ -16,13 +16,17 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use mmproxy_common::{Config, Counter, RelayKey, PROTO_UDP};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::ptr::read_volatile;
+use mmproxy_common::{
+    Config, Counter, RelayAction, RelayKey, PROTO_UDP, RELAY_HELD, RELEASE_ANYWAY,
+};
 
 use crate::parse::{parse_udp, ETH_HLEN, UDP_HLEN};
 use crate::proxy_v2::{self, MAX_RELAYED_HEADER};
 use crate::relay::{deliver, fits, Verdict};
 use crate::rewrite::rewrite;
-use crate::{count, matching_rule, source_allowed, CONFIG, SCRATCH, UDP_RELAY};
+use crate::{count, matching_rule, source_allowed, CONFIG, SCRATCH, UDP_RELAY, UDP_RELEASE};
 
 pub const CHUNK: usize = 512;
 const MAX_CHUNKS: usize = 4;
@@ -92,6 +96,9 @@ fn try_relay_in(ctx: &TcContext, config: &Config) -> Verdict {
     let Some(action) = UDP_RELAY.get_ptr_mut(&key) else {
         return Verdict::Punt(Counter::UdpPuntedNoFlow);
     };
+    if held(&key, action) {
+        return Verdict::Punt(Counter::UdpPuntedHeld);
+    }
     // SAFETY: a map value, valid while the program runs.
     let a = unsafe { &*action };
     let payload = usize::from(pkt.udp_len) - UDP_HLEN - hdr.len;
@@ -124,6 +131,34 @@ fn try_relay_in(ctx: &TcContext, config: &Config) -> Verdict {
         return Verdict::Punt(Counter::UdpRelayFailed).shot();
     }
     deliver(ctx, action, Counter::UdpRelayedIn)
+}
+
+/// Whether the flow's datagram must still go to user space (`RELAY_HELD`): when
+/// user space adds a flow, datagrams of it that arrived before may be waiting in
+/// its listening socket, and relaying this one would overtake them. Every
+/// datagram left to user space while held is counted; once user space has
+/// released exactly that count (it has taken them all), the hold ends here, and
+/// from then on the check costs one flag test.
+#[inline(always)]
+fn held(key: &RelayKey, action: *mut RelayAction) -> bool {
+    // SAFETY: a map value, valid while the program runs; the LRU may reuse it
+    // concurrently, in which case a write is lost and the flow stays held.
+    let a = unsafe { &mut *action };
+    if a.flags & RELAY_HELD == 0 {
+        return false;
+    }
+    // SAFETY: a map value, read only.
+    if let Some(r) = unsafe { UDP_RELEASE.get(key) } {
+        // SAFETY: an aligned u64 of the map value; other CPUs add to it.
+        let punts = unsafe { read_volatile(&a.held_punts) };
+        if r.generation == a.generation && (r.taken == punts || r.taken == RELEASE_ANYWAY) {
+            a.flags &= !RELAY_HELD;
+            return false;
+        }
+    }
+    // SAFETY: as above; concurrent CPUs must not lose each other's counts.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut a.held_punts, 1) };
+    true
 }
 
 /// `bpf_csum_diff(header → nothing)` of the `len` header bytes at `p`.

@@ -104,6 +104,7 @@ fn with_checksum_offloads_off_relayed_datagrams_and_answers_pass_the_receivers_c
     let d = Daemon::start(&t.host, &args)?;
     let errors = (csum_errors(&t.host)?, csum_errors(&t.lb)?);
     let start = d.stats()?;
+    let mut released = counter(&start, "udp_kernel_released");
     for (lb, client, host, service) in cases {
         let svc_addr = sa(service);
         let svc = t.host.enter(move || UdpSocket::bind(svc_addr))??;
@@ -112,6 +113,11 @@ fn with_checksum_offloads_off_relayed_datagrams_and_answers_pass_the_receivers_c
         let (client, to) = (sa(client), sa(&sock(host, 8443)));
         for i in 0..=KERNEL_ROUNDS {
             exchange(&b, &svc, client, to, i).with_context(|| d.log_text())?;
+            if i == 0 {
+                // The kernel relays once user space has ended its hold.
+                released += 1;
+                d.wait_counter("udp_kernel_released", released, WAIT)?;
+            }
         }
     }
     let line = d.stats()?;
@@ -153,6 +159,7 @@ fn with_checksum_offloads_off_a_service_on_the_hosts_address_gets_valid_checksum
     let d = Daemon::start(&t.host, &args)?;
     let errors = (csum_errors(&t.host)?, csum_errors(&t.lb)?);
     let start = d.stats()?;
+    let mut released = counter(&start, "udp_kernel_released");
     for (lb, client, host) in [
         (LB_V4, "198.51.100.82:8200", HOST_V4),
         (LB_V6, "[2001:db8:c::82]:8200", HOST_V6),
@@ -164,6 +171,11 @@ fn with_checksum_offloads_off_a_service_on_the_hosts_address_gets_valid_checksum
         let (client, to) = (sa(client), sa(&sock(host, 8443)));
         for i in 0..=KERNEL_ROUNDS {
             exchange(&b, &svc, client, to, i).with_context(|| d.log_text())?;
+            if i == 0 {
+                // The kernel relays once user space has ended its hold.
+                released += 1;
+                d.wait_counter("udp_kernel_released", released, WAIT)?;
+            }
         }
     }
     let line = d.stats()?;

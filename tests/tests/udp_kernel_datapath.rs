@@ -59,6 +59,15 @@ fn mm(host: &str) -> SocketAddr {
 }
 
 /// How much `name` grew from `before` to `after`.
+/// User space ended the kernel's hold on a new flow: from then on the kernel
+/// relays its datagrams (before, it leaves them to user space, in order).
+const RELEASED: &str = "udp_kernel_released";
+
+/// Waits until `n` more holds than in `before` have been released.
+fn released(d: &Daemon, before: &str, n: u64) -> Result<String> {
+    d.wait_counter(RELEASED, counter(before, RELEASED) + n, WAIT)
+}
+
 fn delta(before: &str, after: &str, name: &str) -> u64 {
     counter(after, name).saturating_sub(counter(before, name))
 }
@@ -197,6 +206,8 @@ fn first_in_user_space_then_n_in_the_kernel(
         0,
         "the first datagram is user space's: {base}"
     );
+    // The kernel relays once user space has ended its hold on the new flow.
+    let base = released(d, &start, 1)?;
     let tlv = V2Builder::proxy(client, to)
         .transport(Transport::Dgram)
         // 8 bytes: the header stays a whole number of words, as the kernel
@@ -288,6 +299,7 @@ fn malformed_headers_on_a_live_flow_never_reach_the_service_local_and_crc32c_go_
     let client = sa("198.51.100.71:7100");
     let to = mm(HOST_V4);
     b.roundtrip(client, to, b"first")?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
     b.roundtrip(client, to, b"second")?;
     for _ in 0..2 {
         assert_eq!(echo.next_peer(WAIT)?, client);
@@ -389,7 +401,8 @@ fn an_idle_flow_expires_after_close_after_in_both_directions_and_kernel_traffic_
     let b = UdpBalancer::new(&t, LB_V4)?;
     let flow = (sa("198.51.100.72:7200"), mm(HOST_V4));
     exchange(&b, &service, flow, b"first", b"answer")?;
-    let base = wait_total(&d, "answers relayed", answers_relayed, 1, WAIT)?;
+    wait_total(&d, "answers relayed", answers_relayed, 1, WAIT)?;
+    let base = d.wait_counter(RELEASED, 1, WAIT)?;
 
     // Two and a half times --close-after of each kind of traffic.
     let pace = Duration::from_millis(200);
@@ -446,6 +459,7 @@ fn eviction_at_max_flows_removes_both_halves_from_the_kernel() -> Result<()> {
     let a = (sa("198.51.100.73:7300"), to);
     let b = (sa("198.51.100.74:7400"), to);
     exchange(&ba, &service, a, b"a first", b"a1")?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
     exchange(&ba, &service, a, b"a in the kernel", b"a2")?;
     d.wait_counter("kernel_udp_relayed_in", 1, WAIT)?;
     exchange(&bb, &service, b, b"b first", b"b1")?;
@@ -472,6 +486,7 @@ fn sigkill_leaves_no_relay_program_attached_and_a_restart_relays_again() -> Resu
     let to = mm(HOST_V4);
     let mut d = Daemon::start(&t.host, &args)?;
     b.roundtrip(client, to, b"first")?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
     b.roundtrip(client, to, b"kernel")?;
     d.wait_counter("kernel_udp_relayed_in", 1, WAIT)?;
     let links = tcx_links(d.pid(), &t.host)?;
@@ -505,10 +520,11 @@ fn sigkill_leaves_no_relay_program_attached_and_a_restart_relays_again() -> Resu
     }
 
     let d = Daemon::start(&t.host, &args)?;
-    for payload in [&b"after the restart"[..], b"kernel again"] {
-        b.roundtrip(client, to, payload)
-            .with_context(|| d.log_text())?;
-    }
+    b.roundtrip(client, to, b"after the restart")
+        .with_context(|| d.log_text())?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
+    b.roundtrip(client, to, b"kernel again")
+        .with_context(|| d.log_text())?;
     for _ in 0..4 {
         assert_eq!(echo.next_peer(WAIT)?, client);
     }
@@ -542,13 +558,14 @@ fn datagrams_and_answers_at_the_balancer_links_mtu_are_relayed_and_a_larger_answ
         let largest_out = 1500 - ip_header - 8;
         let start = d.stats()?;
         exchange(&b, service, flow, b"first", b"small")?;
-        let base = wait_total(
+        wait_total(
             &d,
             "answers relayed",
             answers_relayed,
             answers_relayed(&start) + 1,
             WAIT,
         )?;
+        let base = released(&d, &start, 1)?;
 
         exchange(
             &b,
@@ -654,6 +671,7 @@ fn narrowing_the_allowlist_with_sighup_stops_a_kernel_relayed_flow_at_once() -> 
     let b = UdpBalancer::with_timeout(&t, LB_V4, NO_ANSWER)?;
     let client = sa("198.51.100.77:7700");
     b.roundtrip(client, to, b"first")?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
     b.roundtrip(client, to, b"kernel")?;
     for _ in 0..2 {
         assert_eq!(echo.next_peer(WAIT)?, client);
@@ -683,5 +701,70 @@ fn narrowing_the_allowlist_with_sighup_stops_a_kernel_relayed_flow_at_once() -> 
     let other = UdpBalancer::new(&t, LB_OTHER_V4)?;
     other.roundtrip(sa("198.51.100.78:7800"), to, b"allowed")?;
     assert_eq!(echo.next_peer(WAIT)?, sa("198.51.100.78:7800"));
+    Ok(())
+}
+
+/// A container's veth is deleted and made again while a flow to its service is
+/// relayed by the kernel (the new veth has another interface index): the flow's
+/// datagrams are not lost to the old index. The kernel leaves them to user space,
+/// which relays them over the new veth and hands the flow to the kernel again with
+/// the new route, and the kernel relays it from then on.
+#[test]
+fn a_relayed_flow_follows_its_services_veth_when_it_is_made_again() -> Result<()> {
+    require_root!();
+    let t = Topology::with_app()?;
+    let app = t.app.as_ref().context("app namespace")?;
+    let echo = UdpEcho::start(app, &[&sock(APP_V4, 9000)])?;
+    let d = Daemon::start(&t.host, &kernel_to(APP_V4, APP_V6))?;
+    let b = UdpBalancer::new(&t, LB_V4)?;
+    let (client, to) = (sa("198.51.100.78:7800"), mm(HOST_V4));
+    b.roundtrip(client, to, b"first")?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
+    b.roundtrip(client, to, b"kernel")?;
+    let before = d.wait_counter("kernel_udp_relayed_in", 1, WAIT)?;
+    for _ in 0..2 {
+        assert_eq!(echo.next_peer(WAIT)?, client);
+    }
+
+    t.host.ip(&["link", "del", "app0"])?;
+    t.host.link("app0", app, "eth0")?;
+    t.host.addr("app0", &format!("{APP_GW_V4}/25"))?;
+    app.addr("eth0", &format!("{APP_V4}/25"))?;
+    app.ip(&["route", "add", "default", "via", APP_GW_V4])?;
+    // The answers of a service behind a veth need its tc ingress program.
+    let deadline = Instant::now() + WAIT;
+    while !tcx_links(d.pid(), &t.host)?.contains(&("app0".to_owned(), "ingress")) {
+        ensure!(
+            Instant::now() < deadline,
+            "app0 never got its ingress program\n{}",
+            d.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // Through user space, until the flow is handed over again (the daemon offers
+    // a flow whose datagrams reach it anyway at most once a second).
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        b.roundtrip(client, to, b"over the new veth")
+            .with_context(|| d.log_text())?;
+        assert_eq!(echo.next_peer(WAIT)?, client);
+        let line = d.stats()?;
+        if delta(&before, &line, RELEASED) > 0 {
+            break line;
+        }
+        ensure!(Instant::now() < deadline, "never handed over again: {line}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    b.roundtrip(client, to, b"in the kernel again")
+        .with_context(|| d.log_text())?;
+    let after = d.wait_counter(
+        "kernel_udp_relayed_in",
+        counter(&line, "kernel_udp_relayed_in") + 1,
+        WAIT,
+    )?;
+    assert_eq!(echo.next_peer(WAIT)?, client);
+    assert_eq!(delta(&before, &after, "udp_flows_created"), 0, "{after}");
+    assert_eq!(counter(&after, "kernel_udp_relay_failed"), 0, "{after}");
     Ok(())
 }

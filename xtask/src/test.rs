@@ -27,10 +27,7 @@ const UNPRIVILEGED_TESTS: &[&str] = &[
 /// `-p udp` daemon that has the kernel side (MMPROXY_TEST_UDP_DATAPATH=kernel,
 /// tests/src/args.rs), with the same assertions: every test that starts a UDP
 /// daemon with the kernel side on. (udp_kernel_datapath.rs chooses its datapath
-/// itself and runs in the first pass.) Left out: the in-order burst test, since a
-/// new flow's first burst can be reordered in the kernel datapath (datagrams still
-/// queued for user space are overtaken by later ones the tc program relays once the
-/// flow is registered), a known limitation noted on issue 16.
+/// itself and runs in the first pass.)
 const UDP_TESTS: &[&str] = &[
     "ipv4_and_ipv6_clients_through_ipv4_and_ipv6_proxy_sockets_answered_from",
     "thousand_clients_each_answered_and_idle_expiry",
@@ -38,6 +35,7 @@ const UDP_TESTS: &[&str] = &[
     "burst_of_malformed_datagrams_is_dropped",
     "go_mmproxy_udp_invocation_works_unchanged",
     "service_on_a_wildcard_answering_from_another_address",
+    "a_burst_of_one_flow_arrives_as_separate_datagrams",
     "udp_placement_b_service_bound_to_the_wildcard",
     "udp_placements_a_and_c",
     "udp_answer_to_a_client_port_inside_a_wildcard_range",

@@ -28,6 +28,7 @@ use aya::{Ebpf, EbpfError as AyaError};
 use ipnet::{Ipv4Net, Ipv6Net};
 use mmproxy_common::{
     map_names, program_names, Config, Counter, FlowKey, ListenRule, RelayAction, RelayKey,
+    RelayRelease,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -40,7 +41,7 @@ pub use rules::listen_rules;
 use subnets::{v4_keys, v6_keys, SubnetTrie};
 use sysctl::AcceptLocal;
 use tc_links::{Direction, TcChanges, TcLinks};
-pub use udp_relay::{RelayError, RelayFlow, RelayRegistration, UdpRelay};
+pub use udp_relay::{HeldPunts, RelayError, RelayFlow, RelayRegistration, UdpRelay};
 
 /// Set to 1 to make [`KernelSide::load`] fail, so the userspace fallback of
 /// `--ebpf auto` can be tested on a machine where BPF works.
@@ -201,6 +202,7 @@ impl KernelSide {
             .override_global("AYA_LOG_LEVEL", &log_level, true)
             .map_max_entries(map_names::FLOWS, flow_capacity)
             .map_max_entries(map_names::UDP_RELAY, relay_capacity)
+            .map_max_entries(map_names::UDP_RELEASE, relay_capacity)
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
@@ -245,7 +247,9 @@ impl KernelSide {
         let udp_relay = if opts.udp_relay {
             let map: HashMap<MapData, RelayKey, RelayAction> =
                 take(&mut ebpf, map_names::UDP_RELAY)?;
-            Some(Arc::new(KernelUdpRelay::new(map, lo_ifindex)))
+            let release: HashMap<MapData, RelayKey, RelayRelease> =
+                take(&mut ebpf, map_names::UDP_RELEASE)?;
+            Some(Arc::new(KernelUdpRelay::new(map, release, lo_ifindex)))
         } else {
             None
         };

@@ -24,6 +24,7 @@ pub fn probe() -> Result<(), EbpfError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, 1)
         .map_max_entries(map_names::UDP_RELAY, 1)
+        .map_max_entries(map_names::UDP_RELEASE, 1)
         .load(OBJECT)
         .map_err(|e| EbpfError::Load(Box::new(e)))?;
     let missing = |name| EbpfError::Missing {

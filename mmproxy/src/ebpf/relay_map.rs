@@ -18,17 +18,18 @@ use std::collections::HashMap as StdHashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
-use mmproxy_common::{RelayAction, RelayKey, RELAY_TO_LO};
+use mmproxy_common::{RelayAction, RelayKey, RelayRelease, RELAY_HELD, RELAY_TO_LO};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 
-use super::udp_relay::{key_addr, RelayError, RelayFlow, UdpRelay};
+use super::udp_relay::{key_addr, HeldPunts, RelayError, RelayFlow, UdpRelay};
 
 /// Route answers kept at most; beyond it the cache starts over (a
 /// `-dynamic-destination` proxy may see many targets).
@@ -43,9 +44,12 @@ pub enum Placement {
     Via(u32),
 }
 
-/// The `UDP_RELAY` map, and what adding a flow needs to know.
+/// The `UDP_RELAY` and `UDP_RELEASE` maps, and what adding a flow needs to know.
 pub struct KernelUdpRelay {
     map: Mutex<HashMap<MapData, RelayKey, RelayAction>>,
+    release: Mutex<HashMap<MapData, RelayKey, RelayRelease>>,
+    /// The last registration's number ([`RelayAction::generation`]).
+    generation: AtomicU32,
     lo_ifindex: u32,
     /// Placement by (target address, mark): a mark can select another table.
     routes: Mutex<StdHashMap<(IpAddr, u32), Placement>>,
@@ -60,9 +64,15 @@ impl fmt::Debug for KernelUdpRelay {
 }
 
 impl KernelUdpRelay {
-    pub fn new(map: HashMap<MapData, RelayKey, RelayAction>, lo_ifindex: u32) -> Self {
+    pub fn new(
+        map: HashMap<MapData, RelayKey, RelayAction>,
+        release: HashMap<MapData, RelayKey, RelayRelease>,
+        lo_ifindex: u32,
+    ) -> Self {
         Self {
             map: Mutex::new(map),
+            release: Mutex::new(release),
+            generation: AtomicU32::new(0),
             lo_ifindex,
             routes: Mutex::new(StdHashMap::new()),
         }
@@ -104,11 +114,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The two halves of `flow`, delivered by `placement` (`lo_ifindex` for
-/// [`Placement::Local`]). `None` for a flow that changes family.
+/// [`Placement::Local`]), registration number `generation`, the inbound half held.
+/// `None` for a flow that changes family.
 pub fn actions(
     flow: &RelayFlow,
     placement: Placement,
     lo_ifindex: u32,
+    generation: u32,
 ) -> Option<[(RelayKey, RelayAction); 2]> {
     let family = flow.family()?;
     let inbound = flow.inbound_key()?;
@@ -131,13 +143,22 @@ pub fn actions(
             flags,
             family,
             _pad: [0; 2],
+            generation,
+            _pad2: 0,
+            held_punts: 0,
         }
     };
     Some([
         // As the upstream socket sends: from the client's address it is bound to.
         (
             inbound,
-            action(flow.bound, flow.target, ifindex, flow.mark, flags),
+            action(
+                flow.bound,
+                flow.target,
+                ifindex,
+                flow.mark,
+                flags | RELAY_HELD,
+            ),
         ),
         // As the listening socket answers: from where the proxy sent to, back out
         // of the interface its datagram came in on.
@@ -151,13 +172,43 @@ impl UdpRelay for KernelUdpRelay {
             return Err(RelayError::MixedFamily);
         }
         let placement = self.placement(flow.target, flow.mark)?;
-        let halves = actions(flow, placement, self.lo_ifindex).ok_or(RelayError::MixedFamily)?;
+        // A release left from an earlier registration of the same key names
+        // another generation, so the new one starts held whatever the LRU kept.
+        let generation = self
+            .generation
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        let halves =
+            actions(flow, placement, self.lo_ifindex, generation).ok_or(RelayError::MixedFamily)?;
         let mut map = self.map();
         // The answers' half first: once the inbound half is in, answers come.
         for (key, action) in halves.iter().rev() {
             map.insert(key, action, 0).map_err(RelayError::Map)?;
         }
         Ok(())
+    }
+
+    fn held(&self, flow: &RelayFlow) -> Option<HeldPunts> {
+        let key = flow.inbound_key()?;
+        let action = self.map().get(&key, 0).ok()?;
+        (action.flags & RELAY_HELD != 0).then_some(HeldPunts {
+            generation: action.generation,
+            punts: action.held_punts,
+        })
+    }
+
+    fn release(&self, flow: &RelayFlow, held: HeldPunts) {
+        let Some(key) = flow.inbound_key() else {
+            return;
+        };
+        let value = RelayRelease {
+            generation: held.generation,
+            _pad: 0,
+            taken: held.punts,
+        };
+        // A failed write (the LRU is busy) leaves the flow held: its next datagram
+        // comes to user space, which releases again.
+        let _ = lock(&self.release).insert(key, value, 0);
     }
 
     fn remove(&self, flow: &RelayFlow) {
@@ -270,7 +321,7 @@ mod tests {
             "198.51.100.9:41000",
             "203.0.113.130:9000",
         );
-        let [(ik, ia), (ok, oa)] = actions(&f, Placement::Via(4), 1).unwrap();
+        let [(ik, ia), (ok, oa)] = actions(&f, Placement::Via(4), 1, 9).unwrap();
         assert_eq!((ik.direction, ok.direction), (RELAY_IN, RELAY_OUT));
         assert_eq!(Some(ik), f.inbound_key());
         assert_eq!(Some(ok), f.outbound_key());
@@ -278,10 +329,14 @@ mod tests {
         assert_eq!(ia.src_port, 41000u16.to_be());
         assert_eq!(&ia.dst_addr[..4], &[203, 0, 113, 130]);
         assert_eq!(ia.dst_port, 9000u16.to_be());
+        // The inbound half starts held (earlier datagrams may be queued in user
+        // space); the answers' half never is.
         assert_eq!(
             (ia.ifindex, ia.flags, ia.mark, ia.family),
-            (4, 0, 0x42, FAMILY_V4)
+            (4, RELAY_HELD, 0x42, FAMILY_V4)
         );
+        assert_eq!((ia.generation, ia.held_punts), (9, 0));
+        assert_eq!((oa.generation, oa.held_punts), (9, 0));
         assert_eq!(&oa.src_addr[..4], &[192, 0, 2, 2]);
         assert_eq!(oa.src_port, 8443u16.to_be());
         assert_eq!(&oa.dst_addr[..4], &[192, 0, 2, 1]);
@@ -299,10 +354,10 @@ mod tests {
             "[2001:db8:9::9]:41000",
             "[::1]:9000",
         );
-        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1).unwrap();
+        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9).unwrap();
         assert_eq!(
             (ia.flags, ia.ifindex, ia.family),
-            (RELAY_TO_LO, 1, FAMILY_V6)
+            (RELAY_TO_LO | RELAY_HELD, 1, FAMILY_V6)
         );
         assert_eq!(
             ia.dst_addr,
@@ -319,7 +374,7 @@ mod tests {
             "[2001:db8::9]:41000",
             "[::1]:9000",
         );
-        assert!(actions(&f, Placement::Local, 1).is_none());
+        assert!(actions(&f, Placement::Local, 1, 9).is_none());
     }
 
     #[test]
@@ -330,7 +385,7 @@ mod tests {
             "198.51.100.9:41000",
             "127.0.0.1:9000",
         );
-        for (k, a) in actions(&f, Placement::Local, 1).unwrap() {
+        for (k, a) in actions(&f, Placement::Local, 1, 9).unwrap() {
             let kb = bytemuck::bytes_of(&k).to_vec();
             let ab = bytemuck::bytes_of(&a).to_vec();
             assert_eq!(*bytemuck::from_bytes::<RelayKey>(&kb), k);

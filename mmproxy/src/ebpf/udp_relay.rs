@@ -6,6 +6,13 @@
 //! [`RelayFlow`] and kept in the `UDP_RELAY` map. User space still owns the flow:
 //! it removes both halves when the flow expires or is evicted, and reads the
 //! kernel's activity through [`UdpRelay::last_active`] for its idle sweep.
+//!
+//! A flow's inbound half starts *held*: its datagrams that arrived before the
+//! flow was added may still wait in the listening socket, and the kernel relaying
+//! later ones at once would overtake them. The kernel leaves the flow's datagrams
+//! to user space, counting them, until user space releases the count it has
+//! taken ([`UdpRelay::held`], [`UdpRelay::release`]; the protocol is in
+//! `crate::udp::release`).
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -120,11 +127,25 @@ pub enum RelayError {
     Map(#[source] MapError),
 }
 
+/// What the kernel had counted of a held inbound half when user space looked:
+/// which registration, and how many of its datagrams it had left to user space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldPunts {
+    pub generation: u32,
+    pub punts: u64,
+}
+
 /// Where the UDP proxy hands flows to the kernel. The daemon gives one to the UDP
 /// listeners with `--udp-datapath kernel`.
 pub trait UdpRelay: Send + Sync + fmt::Debug {
-    /// Adds (or replaces) both halves of `flow`.
+    /// Adds (or replaces) both halves of `flow`, the inbound one held.
     fn add(&self, flow: &RelayFlow) -> Result<(), RelayError>;
+    /// The inbound half's count while it is held; `None` once the kernel has
+    /// released it (or has no such half).
+    fn held(&self, flow: &RelayFlow) -> Option<HeldPunts>;
+    /// Tells the kernel that user space has taken and sent on every datagram
+    /// counted in `held`: if it has counted no more since, it relays the next.
+    fn release(&self, flow: &RelayFlow, held: HeldPunts);
     /// Removes both halves of `flow`.
     fn remove(&self, flow: &RelayFlow);
     /// CLOCK_MONOTONIC time of the last packet the kernel relayed for `flow` in
@@ -151,6 +172,16 @@ impl RelayRegistration {
 
     pub fn flow(&self) -> &RelayFlow {
         &self.flow
+    }
+
+    /// See [`UdpRelay::held`].
+    pub fn held(&self) -> Option<HeldPunts> {
+        self.relay.held(&self.flow)
+    }
+
+    /// See [`UdpRelay::release`].
+    pub fn release(&self, held: HeldPunts) {
+        self.relay.release(&self.flow, held);
     }
 
     /// See [`UdpRelay::last_active`].

@@ -408,6 +408,13 @@ impl Collector for Metrics {
             None,
             load(&s.udp_kernel_refused),
         )?;
+        counter(
+            e,
+            "udp_flows_kernel_released",
+            "Holds ended on UDP flows handed to the kernel datapath once user space had taken their earlier datagrams: the kernel relays from then on.",
+            None,
+            load(&s.udp_kernel_released),
+        )?;
         gauge(
             e,
             "udp_flows_open",
@@ -543,6 +550,32 @@ impl Metrics {
             ("kernel_return_packets", "Answers of live flows the tc programs handled: marked (arriving on an ingress interface) or redirected (generated here, redirected into lo).", None),
             "action",
             &[("marked", v(Counter::ReturnMarked)), ("redirected", v(Counter::ReturnRedirected))],
+        )?;
+        counters(
+            e,
+            ("kernel_udp_relayed", "Datagrams the tc programs relayed for live UDP flows (--udp-datapath kernel): in, from the proxy to the service; out, the service's answers to the proxy.", None),
+            "direction",
+            &[("in", v(Counter::UdpRelayedIn)), ("out", v(Counter::UdpRelayedOut))],
+        )?;
+        counters(
+            e,
+            ("kernel_udp_punted", "Datagrams to a UDP listen rule the tc programs left to user space, by reason (README: The UDP kernel datapath).", None),
+            "reason",
+            &[
+                ("no_flow", v(Counter::UdpPuntedNoFlow)),
+                ("header", v(Counter::UdpPuntedHeader)),
+                ("packet", v(Counter::UdpPuntedPacket)),
+                ("mtu", v(Counter::UdpPuntedMtu)),
+                ("not_allowed", v(Counter::UdpPuntedNotAllowed)),
+                ("held", v(Counter::UdpPuntedHeld)),
+            ],
+        )?;
+        counter(
+            e,
+            "kernel_udp_relay_failures",
+            "Packets a tc program failed to rewrite or redirect (dropped if already changed).",
+            None,
+            v(Counter::UdpRelayFailed),
         )
     }
 }

@@ -99,6 +99,7 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
     set(&s.return_path_updates, 36);
     set(&s.return_path_errors, 37);
     set(&s.udp_kernel_refused, 38);
+    set(&s.udp_kernel_released, 39);
     let text = scrape(&m);
     for (series, want) in [
         ("mmproxy_tcp_connections_accepted_total", 11.0),
@@ -217,6 +218,7 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
         ("mmproxy_return_path_updates_total", 36.0),
         ("mmproxy_return_path_errors_total", 37.0),
         ("mmproxy_udp_flows_kernel_refused_total", 38.0),
+        ("mmproxy_udp_flows_kernel_released_total", 39.0),
     ] {
         assert_eq!(value(&text, series), Some(want), "{series}\n{text}");
     }
@@ -255,8 +257,9 @@ fn every_stats_counter_is_exported_under_its_metric_name() {
             + 36
             + 37
             + 38
+            + 39
     );
-    assert_eq!(s.snapshot().len(), 31, "a new Stats counter needs a metric");
+    assert_eq!(s.snapshot().len(), 32, "a new Stats counter needs a metric");
 }
 
 #[test]
@@ -324,6 +327,59 @@ fn not_allowed_is_counted_under_the_protocol_that_runs() {
         Some(0.0)
     );
     assert_eq!(value(&text, "mmproxy_udp_flows_max"), Some(100.0));
+}
+
+/// The UDP kernel datapath's counters, each from its own kernel counter (the fake
+/// numbers them 10 + its index).
+#[test]
+fn udp_kernel_datapath_counters_by_direction_and_reason() {
+    let (m, stats, _) = collector(&["-p", "udp"]);
+    let kernel: Arc<dyn KernelView> = Arc::new(FakeKernel);
+    m.set_kernel(Arc::downgrade(&kernel));
+    stats.udp_kernel_released.store(5, Ordering::Relaxed);
+    let text = scrape(&m);
+    let at = |c: Counter| Some(10.0 + Counter::ALL.iter().position(|x| *x == c).unwrap() as f64);
+    for (series, want) in [
+        (
+            "mmproxy_kernel_udp_relayed_total{direction=\"in\"}",
+            at(Counter::UdpRelayedIn),
+        ),
+        (
+            "mmproxy_kernel_udp_relayed_total{direction=\"out\"}",
+            at(Counter::UdpRelayedOut),
+        ),
+        (
+            "mmproxy_kernel_udp_punted_total{reason=\"no_flow\"}",
+            at(Counter::UdpPuntedNoFlow),
+        ),
+        (
+            "mmproxy_kernel_udp_punted_total{reason=\"header\"}",
+            at(Counter::UdpPuntedHeader),
+        ),
+        (
+            "mmproxy_kernel_udp_punted_total{reason=\"packet\"}",
+            at(Counter::UdpPuntedPacket),
+        ),
+        (
+            "mmproxy_kernel_udp_punted_total{reason=\"mtu\"}",
+            at(Counter::UdpPuntedMtu),
+        ),
+        (
+            "mmproxy_kernel_udp_punted_total{reason=\"not_allowed\"}",
+            at(Counter::UdpPuntedNotAllowed),
+        ),
+        (
+            "mmproxy_kernel_udp_punted_total{reason=\"held\"}",
+            at(Counter::UdpPuntedHeld),
+        ),
+        (
+            "mmproxy_kernel_udp_relay_failures_total",
+            at(Counter::UdpRelayFailed),
+        ),
+        ("mmproxy_udp_flows_kernel_released_total", Some(5.0)),
+    ] {
+        assert_eq!(value(&text, series), want, "{series}\n{text}");
+    }
 }
 
 #[test]

@@ -70,6 +70,12 @@ impl<K: Hash + Eq + Copy, V> FlowTable<K, V> {
         slot.entry.as_mut().map(|(_, v)| v)
     }
 
+    /// The flow for `key`, its recency untouched.
+    pub fn peek_mut(&mut self, key: &K) -> Option<&mut V> {
+        let i = *self.index.get(key)?;
+        self.slots.get_mut(i)?.entry.as_mut().map(|(_, v)| v)
+    }
+
     /// Adds a flow used at `now`. Returns the entry it pushed out: the previous value
     /// for `key` if there was one, otherwise the least recently used flow when the
     /// table was full.

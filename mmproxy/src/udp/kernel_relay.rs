@@ -16,11 +16,12 @@ use std::net::SocketAddr;
 use tracing::warn;
 
 use crate::addr::{ClientAddr, OrigDstAddr, UpstreamAddr};
-use crate::ebpf::{RelayError, RelayFlow, RelayRegistration, UdpRelay};
+use crate::ebpf::{HeldPunts, RelayError, RelayFlow, RelayRegistration, UdpRelay};
 use crate::logging::CONN_TARGET;
 use crate::stats::Stats;
 
 use super::limits::LogLimit;
+use super::release::Hold;
 use super::reply_socket::ReplyKey;
 use super::{Clock, UdpContext};
 
@@ -75,6 +76,10 @@ pub(super) struct KernelHalf {
     registration: Option<RelayRegistration>,
     /// When it was last handed over ([`Clock`] ms).
     offered_at: u64,
+    /// How far the kernel's hold on the inbound half has come (`super::release`).
+    pub(super) hold: Hold,
+    /// Releases written for the current registration.
+    pub(super) release_attempts: u8,
 }
 
 impl KernelHalf {
@@ -98,6 +103,8 @@ impl KernelHalf {
             offered: None,
             registration: None,
             offered_at: now,
+            hold: Hold::Free,
+            release_attempts: 0,
         };
         half.offer(relay, ctx, arrival, client, target, log, now);
         Some(half)
@@ -127,6 +134,9 @@ impl KernelHalf {
             if let Some(r) = &self.registration {
                 if now.saturating_sub(self.offered_at) >= REOFFER_AFTER_MS {
                     self.offered_at = now;
+                    // Added again, held again.
+                    self.hold = Hold::Held;
+                    self.release_attempts = 0;
                     if let Err(e) = relay.add(r.flow()) {
                         refused(
                             ctx,
@@ -160,6 +170,8 @@ impl KernelHalf {
         // answers' key does not depend on where the proxy sent to), and removing
         // the old after adding the new would take the shared one away.
         self.registration = None;
+        self.hold = Hold::Free;
+        self.release_attempts = 0;
         self.offered_at = now;
         let described = describe(arrival, client, self.bound, target, ctx.mark);
         self.offered = described.as_ref().ok().copied().flatten();
@@ -168,8 +180,25 @@ impl KernelHalf {
             None => Ok(None),
         });
         match result {
-            Ok(registration) => self.registration = registration,
+            Ok(registration) => {
+                if registration.is_some() {
+                    self.hold = Hold::Held;
+                }
+                self.registration = registration;
+            }
             Err(why) => refused(ctx, arrival, client, target, &why, log, now),
+        }
+    }
+
+    /// The kernel's count while it holds the inbound half (`None`: released).
+    pub(super) fn held(&self) -> Option<HeldPunts> {
+        self.registration.as_ref().and_then(RelayRegistration::held)
+    }
+
+    /// Ends the hold if the kernel has counted nothing beyond `held`.
+    pub(super) fn release(&self, held: HeldPunts) {
+        if let Some(r) = &self.registration {
+            r.release(held);
         }
     }
 

@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::ebpf::RelayError;
+use crate::ebpf::{HeldPunts, RelayError};
 use crate::proxy_protocol::DecodeOptions;
 use crate::transparent::Upstream;
 use crate::udp::cmsg::LocalDst;
 use crate::udp::flow_table::FlowTable;
+use mmproxy_common::RELEASE_ANYWAY;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Event {
@@ -19,12 +20,17 @@ pub(crate) enum Event {
     Remove(RelayFlow),
 }
 
-/// Records adds and removes; `last_active` as set per client address.
+/// Records adds and removes; `last_active` as set per client address. Every add
+/// holds the flow (the next generation, nothing counted) until the test says
+/// otherwise; releases are recorded, not acted on.
 #[derive(Debug, Default)]
 pub(crate) struct FakeRelay {
     pub(crate) events: Mutex<Vec<Event>>,
     pub(crate) active: Mutex<HashMap<SocketAddr, Duration>>,
     pub(crate) refuse: AtomicBool,
+    pub(crate) holds: Mutex<HashMap<SocketAddr, HeldPunts>>,
+    pub(crate) releases: Mutex<Vec<(SocketAddr, HeldPunts)>>,
+    generation: std::sync::atomic::AtomicU32,
 }
 
 impl FakeRelay {
@@ -44,6 +50,22 @@ impl FakeRelay {
         live
     }
 
+    pub(crate) fn releases(&self) -> Vec<(SocketAddr, HeldPunts)> {
+        self.releases.lock().unwrap().clone()
+    }
+
+    /// As the kernel does for each datagram of a held flow it leaves to user space.
+    pub(crate) fn count_punt(&self, client: SocketAddr) {
+        if let Some(h) = self.holds.lock().unwrap().get_mut(&client) {
+            h.punts += 1;
+        }
+    }
+
+    /// As the kernel does at the flow's next datagram after a matching release.
+    pub(crate) fn let_go(&self, client: SocketAddr) {
+        self.holds.lock().unwrap().remove(&client);
+    }
+
     pub(crate) fn set_active(&self, client: SocketAddr, at: Duration) {
         self.active.lock().unwrap().insert(client, at);
     }
@@ -55,7 +77,23 @@ impl UdpRelay for FakeRelay {
             return Err(RelayError::NoRoute(flow.target));
         }
         self.events.lock().unwrap().push(Event::Add(*flow));
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.holds.lock().unwrap().insert(
+            flow.client,
+            HeldPunts {
+                generation,
+                punts: 0,
+            },
+        );
         Ok(())
+    }
+
+    fn held(&self, flow: &RelayFlow) -> Option<HeldPunts> {
+        self.holds.lock().unwrap().get(&flow.client).copied()
+    }
+
+    fn release(&self, flow: &RelayFlow, held: HeldPunts) {
+        self.releases.lock().unwrap().push((flow.client, held));
     }
 
     fn remove(&self, flow: &RelayFlow) {
@@ -299,6 +337,71 @@ async fn wait_for(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// A listener on 0.0.0.0 (an ephemeral port) with the fake kernel, and a proxy
+/// socket on 127.0.0.1 sending PROXY v2 datagrams from [`CLIENT`].
+struct FakeListener {
+    relay: Arc<FakeRelay>,
+    ctx: Arc<UdpContext>,
+    port: u16,
+    proxy: tokio::net::UdpSocket,
+    dgram: Vec<u8>,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeListener {
+    async fn start() -> Self {
+        use crate::proxy_protocol::{Transport, V2Builder};
+
+        let relay = Arc::new(FakeRelay::default());
+        // Nothing listens on the target: the datagrams are sent and lost.
+        let ctx = Arc::new(ctx_with(&relay, 9));
+        let mut sockets = crate::udp::bind_udp(addr("0.0.0.0:0"), 1).unwrap();
+        let port = sockets[0].local_addr().unwrap().port();
+        let socket = tokio::net::UdpSocket::from_std(sockets.remove(0)).unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(crate::udp::serve_udp(
+            socket,
+            ctx.clone(),
+            |_| true,
+            shutdown.clone(),
+        ));
+        let proxy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut dgram = V2Builder::proxy(addr(CLIENT), addr("203.0.113.5:443"))
+            .transport(Transport::Dgram)
+            .build()
+            .unwrap();
+        dgram.extend_from_slice(b"payload");
+        FakeListener {
+            relay,
+            ctx,
+            port,
+            proxy,
+            dgram,
+            shutdown,
+            task,
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        self.ctx.stats.udp_datagrams_sent.load(Ordering::Relaxed)
+    }
+
+    /// Sends `datagram` to the listener at 127.0.0.`host` and waits until the
+    /// listener has sent its payload on.
+    async fn send(&self, datagram: &[u8], host: u8) {
+        let before = self.sent();
+        let to = SocketAddr::new(IpAddr::from([127, 0, 0, host]), self.port);
+        self.proxy.send_to(datagram, to).await.unwrap();
+        wait_for("the datagram sent on", || self.sent() > before).await;
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 /// The whole listener path with the fake kernel, in a network namespace of its own
 /// (transparent upstream sockets bound to a documentation client address): a PROXY
 /// flow is registered before its first datagram leaves, with the interface and the
@@ -308,42 +411,17 @@ async fn wait_for(what: &str, done: impl Fn() -> bool) {
 #[test]
 fn the_listener_hands_proxy_flows_to_the_kernel_and_takes_them_back() {
     crate::testing::in_netns("udp_kernel_relay_listener", |_, _| async move {
-        use crate::proxy_protocol::{Transport, V2Builder};
-        use tokio_util::sync::CancellationToken;
+        use crate::proxy_protocol::V2Builder;
 
-        let relay = Arc::new(FakeRelay::default());
-        // Nothing listens on the target: the datagrams are sent and lost.
-        let ctx = Arc::new(ctx_with(&relay, 9));
-        let mut sockets = crate::udp::bind_udp(addr("0.0.0.0:0"), 1).unwrap();
-        let port = sockets[0].local_addr().unwrap().port();
-        let socket = tokio::net::UdpSocket::from_std(sockets.remove(0)).unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(crate::udp::serve_udp(
-            socket,
-            ctx.clone(),
-            |_| true,
-            shutdown.clone(),
-        ));
-        let proxy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let from = proxy.local_addr().unwrap();
-        let mut dgram = V2Builder::proxy(addr(CLIENT), addr("203.0.113.5:443"))
-            .transport(Transport::Dgram)
-            .build()
-            .unwrap();
-        dgram.extend_from_slice(b"first");
-        let sent = || ctx.stats.udp_datagrams_sent.load(Ordering::Relaxed);
-
-        proxy
-            .send_to(&dgram, SocketAddr::new("127.0.0.1".parse().unwrap(), port))
-            .await
-            .unwrap();
-        wait_for("the first datagram sent", || sent() == 1).await;
+        let l = FakeListener::start().await;
+        let relay = l.relay.clone();
+        l.send(&l.dgram, 1).await;
         // SAFETY: a NUL-terminated string.
         let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
         assert_ne!(lo, 0);
         let first = RelayFlow {
-            proxy: from,
-            local: SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+            proxy: l.proxy.local_addr().unwrap(),
+            local: SocketAddr::new("127.0.0.1".parse().unwrap(), l.port),
             ifindex: lo,
             client: addr(CLIENT),
             orig_dst: addr("203.0.113.5:443"),
@@ -354,13 +432,9 @@ fn the_listener_hands_proxy_flows_to_the_kernel_and_takes_them_back() {
         assert_eq!(relay.events(), [Event::Add(first)]);
 
         // The same flow sent to another local address: the kernel follows.
-        proxy
-            .send_to(&dgram, SocketAddr::new("127.0.0.2".parse().unwrap(), port))
-            .await
-            .unwrap();
-        wait_for("the second datagram sent", || sent() == 2).await;
+        l.send(&l.dgram, 2).await;
         let second = RelayFlow {
-            local: SocketAddr::new("127.0.0.2".parse().unwrap(), port),
+            local: SocketAddr::new("127.0.0.2".parse().unwrap(), l.port),
             ..first
         };
         assert_eq!(
@@ -371,17 +445,80 @@ fn the_listener_hands_proxy_flows_to_the_kernel_and_takes_them_back() {
         // LOCAL: a flow of its own, in user space only.
         let mut local = V2Builder::local().build().unwrap();
         local.extend_from_slice(b"health");
-        proxy
-            .send_to(&local, SocketAddr::new("127.0.0.1".parse().unwrap(), port))
-            .await
-            .unwrap();
-        wait_for("the LOCAL datagram sent", || sent() == 3).await;
-        assert_eq!(ctx.stats.udp_flows_created.load(Ordering::Relaxed), 2);
+        l.send(&local, 1).await;
+        assert_eq!(l.ctx.stats.udp_flows_created.load(Ordering::Relaxed), 2);
         assert_eq!(relay.live(), [second]);
 
-        shutdown.cancel();
-        task.await.unwrap();
+        let ctx = l.ctx.clone();
+        l.stop().await;
         assert!(relay.live().is_empty(), "{:?}", relay.events());
         assert_eq!(ctx.stats.udp_kernel_refused.load(Ordering::Relaxed), 0);
+    });
+}
+
+/// The listener ends the kernel's hold on a flow (`super::release`) with exactly
+/// what the kernel had counted once it has taken those datagrams and found its
+/// queue empty: a new flow with nothing counted, a re-registration under its new
+/// generation, and a held flow whose datagrams the kernel counted with that
+/// count; a flow counted anew before every release is released anyway after
+/// `EXACT_ATTEMPTS`. A flow the kernel has let go is not released again.
+#[test]
+fn the_listener_releases_held_flows_with_the_kernels_count() {
+    crate::testing::in_netns("udp_kernel_relay_release", |_, _| async move {
+        let l = FakeListener::start().await;
+        let relay = l.relay.clone();
+        let client = addr(CLIENT);
+        let held = |generation, punts| (client, HeldPunts { generation, punts });
+        let released = || l.ctx.stats.udp_kernel_released.load(Ordering::Relaxed);
+
+        l.send(&l.dgram, 1).await;
+        wait_for("the new flow released", || released() == 1).await;
+        assert_eq!(relay.releases(), [held(1, 0)]);
+
+        // Registered anew (another local address): generation 2, released anew.
+        l.send(&l.dgram, 2).await;
+        wait_for("the new registration released", || released() == 2).await;
+        assert_eq!(relay.releases(), [held(1, 0), held(2, 0)]);
+
+        // The kernel held on and left two more datagrams to user space.
+        relay.count_punt(client);
+        relay.count_punt(client);
+        l.send(&l.dgram, 2).await;
+        l.send(&l.dgram, 2).await;
+        wait_for("the counted datagrams released", || released() >= 3).await;
+        assert_eq!(relay.releases().last(), Some(&held(2, 2)));
+
+        // Counted again before every release: the flow never pauses. After
+        // EXACT_ATTEMPTS releases in all, the next ends the hold whatever the count.
+        // (The first release was generation 1's.)
+        while relay.releases().len() < 1 + usize::from(crate::udp::release::EXACT_ATTEMPTS) {
+            relay.count_punt(client);
+            let n = released();
+            l.send(&l.dgram, 2).await;
+            wait_for("released again", || released() > n).await;
+        }
+        assert!(relay
+            .releases()
+            .iter()
+            .skip(1)
+            .all(|(_, h)| h.punts != RELEASE_ANYWAY));
+        let n = released();
+        l.send(&l.dgram, 2).await;
+        wait_for("released anyway", || released() > n).await;
+        assert_eq!(
+            relay.releases().last(),
+            Some(&held(2, RELEASE_ANYWAY)),
+            "{:?}",
+            relay.releases()
+        );
+
+        // Let go: a datagram that still reaches user space (punted for another
+        // reason) asks the kernel once and releases nothing.
+        relay.let_go(client);
+        let before = relay.releases().len();
+        l.send(&l.dgram, 2).await;
+        l.send(&l.dgram, 2).await;
+        assert_eq!(relay.releases().len(), before, "{:?}", relay.releases());
+        l.stop().await;
     });
 }

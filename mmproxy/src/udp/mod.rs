@@ -49,6 +49,7 @@ pub mod flow_table;
 mod kernel_relay;
 mod limits;
 mod receive;
+mod release;
 mod reply_socket;
 mod sockaddr;
 

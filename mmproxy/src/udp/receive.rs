@@ -26,6 +26,7 @@ use super::flow::{open_flow, AnswerRoute, Flow, FlowId};
 use super::flow_table::FlowTable;
 use super::kernel_relay::Arrival;
 use super::limits::LogLimit;
+use super::release::Releases;
 use super::reply_socket::{reply_for, ReplyKey, ReplySockets};
 use super::{UdpContext, ERROR_PAUSE};
 
@@ -34,6 +35,9 @@ const LISTENER_BATCH: usize = 32;
 /// Flows at the tail of a full table whose kernel activity is read before one is
 /// evicted (`--udp-datapath kernel`; each look is two map lookups).
 const EVICTION_LOOKS: usize = 4;
+/// Receives at most made at once, after a batch, for flows waiting to be released
+/// by the kernel (`super::release`); beyond them the next readiness goes on.
+const RELEASE_LOOKS: usize = 4;
 /// Receive buffer asked for on listening sockets: bursts from a balancer arrive
 /// faster than flows are set up, and the 208 KiB default holds ~300 small datagrams.
 const LISTENER_RCVBUF: usize = 4 << 20;
@@ -119,6 +123,7 @@ pub async fn serve_udp_draining<F>(
             local_port: local.map_or(0, |a| a.port()),
             table: FlowTable::new(ctx.flows_per_listener),
             replies: ReplySockets::default(),
+            releases: Releases::default(),
             log: LogLimit::default(),
             allowed,
             ctx,
@@ -139,10 +144,12 @@ pub async fn serve_udp_draining<F>(
                     break;
                 }
                 match listener.receive() {
-                    Ok(()) => {
+                    Ok(Receive::Batch) => {
                         pause = Duration::ZERO;
                         listener.relay_batch();
+                        listener.settle_releases();
                     }
+                    Ok(Receive::Empty) => listener.flows.queue_empty(),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => {
                         pause = (pause * 2).clamp(ERROR_PAUSE, Duration::from_secs(1));
@@ -173,6 +180,14 @@ pub async fn serve_udp_draining<F>(
     debug!(listen = ?local, flows_closed = open, "UDP listener stopped");
 }
 
+/// What a receive on the listening socket found.
+enum Receive {
+    /// Datagrams, now in the receive batch.
+    Batch,
+    /// The queue empty.
+    Empty,
+}
+
 /// One listening socket's task: its batch buffers, and the rest apart from them so a
 /// batch can be relayed while the flows change.
 struct DatagramListener<F> {
@@ -187,6 +202,8 @@ struct ListenerFlows<F> {
     local_port: u16,
     table: FlowTable<FlowId, Flow>,
     replies: ReplySockets,
+    /// Flows the kernel holds with datagrams of theirs seen here.
+    releases: Releases,
     log: LogLimit,
     allowed: F,
     ctx: Arc<UdpContext>,
@@ -202,14 +219,18 @@ struct Admitted<'d> {
 }
 
 impl<F: Fn(IpAddr) -> bool> DatagramListener<F> {
-    /// One recvmmsg. `Ok` when datagrams arrived, WouldBlock when none were waiting.
-    fn receive(&mut self) -> io::Result<()> {
+    /// One recvmmsg, if tokio still sees the socket readable (WouldBlock if not).
+    fn receive(&mut self) -> io::Result<Receive> {
         let fd = self.flows.socket.as_raw_fd();
         let recv = &mut self.recv;
         // Set only by a receive that got datagrams, so a batch is never relayed twice
         // whatever try_io returns.
         let mut fresh = false;
+        // Whether recvmmsg ran at all: tokio answers WouldBlock without calling it
+        // when it has no readiness, which says nothing about the queue.
+        let mut looked = false;
         let received = self.flows.socket.try_io(Interest::READABLE, || {
+            looked = true;
             recv.recv(fd)?;
             fresh = true;
             // WouldBlock clears tokio's readiness (only if no newer event arrived
@@ -221,8 +242,10 @@ impl<F: Fn(IpAddr) -> bool> DatagramListener<F> {
             }
         });
         match received {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && fresh => Ok(()),
-            other => other,
+            Ok(()) => Ok(Receive::Batch),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && fresh => Ok(Receive::Batch),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && looked => Ok(Receive::Empty),
+            Err(e) => Err(e),
         }
     }
 
@@ -242,6 +265,35 @@ impl<F: Fn(IpAddr) -> bool> DatagramListener<F> {
             }
         }
         out.flush(&flows.ctx.stats, &mut flows.log, now);
+        flows
+            .releases
+            .after_batch(recv.drained(), &mut flows.table, &flows.ctx.stats);
+    }
+
+    /// After a batch that emptied the queue, with flows waiting to be released:
+    /// another receive at once, so a flow whose datagrams have all been taken is
+    /// released now rather than at its next datagram. It calls recvmmsg directly:
+    /// tokio's readiness was cleared by the batch, and anything that arrived since
+    /// sets it again, so nothing is left unseen.
+    fn settle_releases(&mut self) {
+        let fd = self.flows.socket.as_raw_fd();
+        for _ in 0..RELEASE_LOOKS {
+            if !self.recv.drained() || !self.flows.releases.pending() {
+                return;
+            }
+            match self.recv.recv(fd) {
+                Ok(0) => {}
+                Ok(_) => {
+                    self.relay_batch();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The next receive from the main loop meets it and reports it.
+                Err(_) => return,
+            }
+            self.flows.queue_empty();
+            return;
+        }
     }
 }
 
@@ -355,6 +407,7 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             );
             if let (Some(kernel), Some(client)) = (flow.kernel.as_mut(), id.client) {
                 kernel.follow(&self.ctx, arrival, client, target, &mut self.log, now);
+                self.releases.saw(id, &mut kernel.hold);
             }
             return Some(flow.fd);
         }
@@ -394,6 +447,10 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
                 return None;
             }
         };
+        let mut flow = flow;
+        if let Some(kernel) = flow.kernel.as_mut() {
+            self.releases.saw(id, &mut kernel.hold);
+        }
         let fd = flow.fd;
         Stats::inc(&stats.udp_flows_created);
         debug!(target: CONN_TARGET, peer = %id.proxy, client = %Shown(id.client),
@@ -421,6 +478,11 @@ impl<F: Fn(IpAddr) -> bool> ListenerFlows<F> {
             }
         }
         Some(fd)
+    }
+
+    /// A receive found the socket's queue empty.
+    fn queue_empty(&mut self) {
+        self.releases.queue_empty(&mut self.table, &self.ctx.stats);
     }
 
     /// Closes flows idle in both directions for `--close-after`.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::net::{BenchNet, ECHO_PORT, HOST, UDP_ECHO_PORT};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, READY};
 use crate::haproxy::TempDir;
 use crate::netns::KillOnDrop;
 
@@ -177,6 +177,8 @@ impl Config {
                 let mut child = spawn(net, &argv, &dir)?;
                 wait_listening(net, proto, self.port, &mut child, &dir)
                     .with_context(|| format!("starting {}", self.name))?;
+                wait_ready_if_mmproxy(&mut child, &dir)
+                    .with_context(|| format!("starting {}", self.name))?;
                 Ok(Some(Proxy {
                     pid: child.0.id() as i32,
                     _daemon: None,
@@ -215,7 +217,7 @@ impl Config {
 pub fn kernel_share(line: &str, m: &mut std::collections::BTreeMap<String, f64>) {
     let c = |name: &str| crate::daemon::counter(line, name) as f64;
     let (relayed_in, relayed_out) = (c("kernel_udp_relayed_in"), c("kernel_udp_relayed_out"));
-    let punted: f64 = ["no_flow", "header", "packet", "mtu", "not_allowed"]
+    let punted: f64 = ["no_flow", "header", "packet", "mtu", "not_allowed", "held"]
         .iter()
         .map(|r| c(&format!("kernel_udp_punted_{r}")))
         .sum();
@@ -345,9 +347,47 @@ fn wait_listening(
     }
 }
 
+/// A peer that is an mmproxy (the program running is named `mmproxy`, a wrapper
+/// script having exec'd it, or its log has mmproxy's module paths) listens before
+/// it has attached its tc programs: measured then, its first round would be partly
+/// its start-up. Waits for its ready line; other peers are ready when they listen.
+fn wait_ready_if_mmproxy(child: &mut KillOnDrop, dir: &TempDir) -> Result<()> {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", child.0.id())).unwrap_or_default();
+    let named = exe.file_name().is_some_and(|n| n == "mmproxy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(dir.0.join("log")).unwrap_or_default();
+        if !(named || is_mmproxy_log(&log)) || log.contains(READY) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            bail!(
+                "mmproxy exited ({status}) before it was ready: {}",
+                log.trim()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("mmproxy not ready after 10 s: {}", log.trim());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_mmproxy_log(log: &str) -> bool {
+    log.contains(" mmproxy::")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{kernel_share, unknown_flag};
+    use super::{is_mmproxy_log, kernel_share, unknown_flag};
+
+    #[test]
+    fn an_mmproxy_peer_is_told_from_go_mmproxy_by_its_log() {
+        let ours = "2026-12-02T23:22:17.004684Z  INFO mmproxy::daemon: UDP datapath: tc programs relay established flows";
+        assert!(is_mmproxy_log(ours));
+        let go = r#"{"time":"2026-12-02T23:22:17Z","level":"INFO","msg":"listening","address":"0.0.0.0:8443"}"#;
+        assert!(!is_mmproxy_log(go));
+    }
     use std::collections::BTreeMap;
 
     #[test]
