@@ -64,7 +64,9 @@ pub fn deliver(ctx: &TcContext, action: *mut RelayAction, relayed: Counter) -> V
         unsafe { bpf_redirect(a.ifindex, u64::from(BPF_F_INGRESS)) }
     } else if a.flags & RELAY_NEXTHOP != 0 {
         // A route lookup per packet was a good part of what relaying cost; the
-        // next hop user space found once is the one it would give.
+        // next hop user space found once is the one it would give. The packet
+        // keeps the route it came with, which matters only if it has to wait for
+        // the neighbour: user space sets the flag only for a resolved one.
         let mut nh = next_hop(a);
         // SAFETY: plain helper; `nh` lives on the stack for the call.
         unsafe {

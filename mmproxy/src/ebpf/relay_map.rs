@@ -17,8 +17,10 @@
 //!
 //! Answers leave through the interface the proxy's datagram arrived on. Their
 //! next hop (the proxy itself when on-link, else the route's gateway) is asked
-//! for once per proxy and interface and put in the action, so the tc program
-//! skips the route lookup `bpf_redirect_neigh` would make for every answer.
+//! for once per proxy and interface and, when the kernel has already resolved
+//! that neighbour (`super::neighbour`, asked at every hand-over), put in the
+//! action, so the tc program skips the route lookup `bpf_redirect_neigh` would
+//! make for every answer.
 use std::collections::HashMap as StdHashMap;
 use std::fmt;
 use std::io;
@@ -210,7 +212,11 @@ impl UdpRelay for KernelUdpRelay {
             return Err(RelayError::MixedFamily);
         }
         let placement = self.placement(flow.target, flow.mark)?;
-        let nh = self.answer_nexthop(flow.proxy, flow.ifindex);
+        // Named only while the kernel has the neighbour's address (see
+        // `super::neighbour`): an answer queued for resolution would be lost.
+        let nh = self
+            .answer_nexthop(flow.proxy, flow.ifindex)
+            .filter(|nh| super::neighbour::resolved(*nh, flow.ifindex));
         // A release left from an earlier registration of the same key names
         // another generation, so the new one starts held whatever the LRU kept.
         let generation = self
