@@ -243,6 +243,11 @@ pub const RELAY_TO_LO: u8 = 1;
 /// every datagram counted so far (see [`RelayRelease`]).
 pub const RELAY_HELD: u8 = 2;
 
+/// `RelayAction::flags`: `nh_addr` is the next hop towards `dst` on `ifindex`
+/// (user space asked the routing table once), so `bpf_redirect_neigh` resolves
+/// that neighbour directly instead of looking the route up for every packet.
+pub const RELAY_NEXTHOP: u8 = 4;
+
 /// One half of a UDP flow relayed by the kernel (`--udp-datapath kernel`), as its
 /// packets look when they reach a tc program. Both halves of a flow live in the one
 /// `UDP_RELAY` LRU hash; user space adds and removes them together.
@@ -367,6 +372,9 @@ pub struct RelayAction {
     /// the kernel (atomically: 64 bits is the width BPF has atomics for), read by
     /// user space.
     pub held_punts: u64,
+    /// With `RELAY_NEXTHOP`: the gateway or on-link neighbour to send to, in the
+    /// action's family.
+    pub nh_addr: [u8; 16],
 }
 
 /// The value of `UDP_RELEASE` (keyed by the inbound half's [`RelayKey`]): user
@@ -569,7 +577,7 @@ mod tests {
 
     #[test]
     fn relay_action_layout() {
-        assert_eq!(size_of::<RelayAction>(), 72);
+        assert_eq!(size_of::<RelayAction>(), 88);
         assert_eq!(align_of::<RelayAction>(), 8);
         assert_eq!(offset_of!(RelayAction, last_ns), 0);
         assert_eq!(offset_of!(RelayAction, src_addr), 8);
@@ -584,6 +592,7 @@ mod tests {
         assert_eq!(offset_of!(RelayAction, generation), 56);
         assert_eq!(offset_of!(RelayAction, _pad2), 60);
         assert_eq!(offset_of!(RelayAction, held_punts), 64);
+        assert_eq!(offset_of!(RelayAction, nh_addr), 72);
     }
 
     #[test]

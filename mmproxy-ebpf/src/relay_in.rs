@@ -107,7 +107,7 @@ fn try_relay_in(ctx: &TcContext, config: &Config) -> Verdict {
     if payload == 0 || payload > MAX_MOVED || pkt.ttl <= 1 || a.family != pkt.family {
         return Verdict::Punt(Counter::UdpPuntedPacket);
     }
-    if !fits(ctx, a, -(hdr.len as i32)) {
+    if !fits(ctx, a, -(hdr.len as i32), config.lo_ifindex) {
         return Verdict::Punt(Counter::UdpPuntedMtu);
     }
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {

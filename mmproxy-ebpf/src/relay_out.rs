@@ -19,6 +19,15 @@ use crate::{CONFIG, UDP_RELAY};
 /// Answers of loopback services, on `lo`'s egress. Nothing else happens here.
 #[classifier]
 pub fn mmproxy_tc_lo_egress(ctx: TcContext) -> i32 {
+    // A local service's answer is made here (skb_iif 0). A packet that came in
+    // through a device and now leaves through lo is the inbound relay's own
+    // datagram on its way to a loopback target (bpf_redirect_neigh into lo): no
+    // answer, and looking it up would cost every relayed datagram a parse and a
+    // map miss.
+    // SAFETY: a plain read of the context the kernel hands tc programs.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return TC_ACT_UNSPEC;
+    }
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_UNSPEC;
     };
@@ -34,7 +43,7 @@ pub fn relay_out(ctx: &TcContext, config: &Config) -> Verdict {
     if config.udp_relay == 0 {
         return Verdict::NotOurs;
     }
-    let v = try_relay_out(ctx);
+    let v = try_relay_out(ctx, config);
     if let Verdict::Punt(c) = v {
         crate::count(c);
     }
@@ -42,7 +51,7 @@ pub fn relay_out(ctx: &TcContext, config: &Config) -> Verdict {
 }
 
 #[inline(always)]
-fn try_relay_out(ctx: &TcContext) -> Verdict {
+fn try_relay_out(ctx: &TcContext, config: &Config) -> Verdict {
     let Some(pkt) = parse_udp(ctx) else {
         return Verdict::NotOurs;
     };
@@ -55,7 +64,7 @@ fn try_relay_out(ctx: &TcContext) -> Verdict {
     if !pkt.simple || pkt.ttl <= 1 || a.family != pkt.family {
         return Verdict::Punt(Counter::UdpPuntedPacket);
     }
-    if !fits(ctx, a, 0) {
+    if !fits(ctx, a, 0, config.lo_ifindex) {
         return Verdict::Punt(Counter::UdpPuntedMtu);
     }
     if rewrite(ctx, pkt, a, 0, 0).is_err() {

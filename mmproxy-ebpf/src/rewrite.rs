@@ -13,39 +13,58 @@
 //! `BPF_F_RECOMPUTE_CSUM` so `skb->csum` follows them.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
-    helpers::{bpf_csum_diff, bpf_csum_update},
+    helpers::bpf_csum_update,
     programs::TcContext,
 };
 use mmproxy_common::{RelayAction, FAMILY_V4, PROTO_UDP};
 
 use crate::parse::{UdpPacket, ETH_HLEN, IPV4_HLEN};
 
-/// Word-aligned bytes, as `bpf_csum_diff` reads them.
+/// Word-aligned bytes, as [`csum_diff`] reads them.
 #[repr(C, align(4))]
 pub struct Words<const N: usize>(pub [u8; N]);
 
-/// The ones' complement sum of `to` minus that of `from`, added to `seed`.
+/// The ones' complement sum of `to` minus that of `from`, added to `seed`: what
+/// `bpf_csum_diff` returns (equal modulo 0xffff, all its users need). Summed
+/// here: for a few header words a helper call costs more than the additions.
 #[inline(always)]
-pub fn csum_diff<const A: usize, const B: usize>(
-    from: &Words<A>,
-    to: &Words<B>,
-    seed: u32,
-) -> Result<u32, ()> {
-    // SAFETY: both buffers live on the stack for the call and are read only.
-    let r = unsafe {
-        bpf_csum_diff(
-            from.0.as_ptr() as *mut u32,
-            A as u32,
-            to.0.as_ptr() as *mut u32,
-            B as u32,
-            seed,
-        )
-    };
-    if r < 0 {
-        Err(())
-    } else {
-        Ok(r as u32)
+pub fn csum_diff<const A: usize, const B: usize>(from: &Words<A>, to: &Words<B>, seed: u32) -> u32 {
+    let mut acc = u64::from(seed);
+    let mut i = 0;
+    while i + 4 <= A {
+        acc += u64::from(!word(&from.0, i));
+        i += 4;
     }
+    let mut i = 0;
+    while i + 4 <= B {
+        acc += u64::from(word(&to.0, i));
+        i += 4;
+    }
+    fold32(acc)
+}
+
+/// Bytes `i..i + 4` in memory order, as the kernel's checksum code reads them.
+#[inline(always)]
+fn word(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// A 64-bit ones' complement sum folded to 32 bits.
+#[inline(always)]
+fn fold32(acc: u64) -> u32 {
+    let acc = (acc & 0xffff_ffff) + (acc >> 32);
+    ((acc & 0xffff_ffff) + (acc >> 32)) as u32
+}
+
+/// The checksum field `check` updated by `diff`, as `bpf_l3_csum_replace(0, diff)`
+/// (the kernel's `csum_replace_by_diff`) leaves it.
+#[inline(always)]
+fn csum_replaced(check: [u8; 2], diff: u32) -> [u8; 2] {
+    let c = u32::from(u16::from_ne_bytes(check));
+    let s = fold32(u64::from(diff) + u64::from(!c));
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    (!(s as u16)).to_ne_bytes()
 }
 
 /// Rewrites `pkt` (whose UDP payload already lost its first `removed` bytes, their
@@ -72,11 +91,14 @@ pub fn rewrite(
         new.0[12..16].copy_from_slice(&action.src_addr[..4]);
         new.0[16..20].copy_from_slice(&action.dst_addr[..4]);
         // The header checksum compensates every change (the old checksum is in
-        // both, so it cancels out of the difference).
-        let d = csum_diff(&old, &new, 0)?;
+        // both, so it cancels out of the difference), so the packet's sum, and
+        // CHECKSUM_COMPLETE's skb->csum, stay as they are. Updated, not recomputed:
+        // a header that arrived with a bad checksum keeps failing ip_rcv's check.
+        let d = csum_diff(&old, &new, 0);
+        let check = csum_replaced([old.0[10], old.0[11]], d);
+        new.0[10] = check[0];
+        new.0[11] = check[1];
         ctx.store(ETH_HLEN, &new.0, 0).map_err(drop)?;
-        ctx.l3_csum_replace(ETH_HLEN + 10, 0, u64::from(d), 0)
-            .map_err(drop)?;
     } else {
         let mut new = Words(pkt.ip);
         // No extension headers (parse.rs): the payload is the UDP datagram.
@@ -105,7 +127,7 @@ pub fn rewrite(
         .map_err(drop)?;
     new_hdr.0[6] = 0;
     new_hdr.0[7] = 0;
-    let d = csum_diff(&old_hdr, &new_hdr, removed_sum)?;
+    let d = csum_diff(&old_hdr, &new_hdr, removed_sum);
     // MARK_MANGLED_0: an IPv4 datagram without checksum (0) keeps none, and a
     // computed 0 is sent as 0xffff.
     ctx.l4_csum_replace(l4 + 6, 0, u64::from(d), u64::from(BPF_F_MARK_MANGLED_0))
@@ -117,7 +139,7 @@ pub fn rewrite(
     if after != check {
         let from = Words([0, 0, check[0], check[1]]);
         let to = Words([0, 0, after[0], after[1]]);
-        let fix = csum_diff(&from, &to, 0)?;
+        let fix = csum_diff(&from, &to, 0);
         // SAFETY: a helper on the program's own skb.
         unsafe { bpf_csum_update(ctx.skb.skb, fix) };
     }
@@ -131,7 +153,7 @@ pub fn rewrite(
         new.0[4..8].copy_from_slice(&action.dst_addr[..4]);
         pseudo_tail(&mut old.0[8..], old_len);
         pseudo_tail(&mut new.0[8..], len);
-        csum_diff(&old, &new, 0)?
+        csum_diff(&old, &new, 0)
     } else {
         let mut old = Words([0u8; 36]);
         let mut new = Words([0u8; 36]);
@@ -140,7 +162,7 @@ pub fn rewrite(
         new.0[16..32].copy_from_slice(&action.dst_addr);
         pseudo_tail(&mut old.0[32..], old_len);
         pseudo_tail(&mut new.0[32..], len);
-        csum_diff(&old, &new, 0)?
+        csum_diff(&old, &new, 0)
     };
     ctx.l4_csum_replace(
         l4 + 6,

@@ -704,6 +704,48 @@ fn narrowing_the_allowlist_with_sighup_stops_a_kernel_relayed_flow_at_once() -> 
     Ok(())
 }
 
+/// A flow from a proxy this host has no neighbour entry for (the balancer knows
+/// the host's address from another of its addresses, so it never asks): the
+/// first answer, relayed by the kernel, waits for the proxy's address to be
+/// resolved and still arrives. The kernel may name the answers' next hop only
+/// for a resolved neighbour; an answer queued for resolution would be re-sent
+/// along the route it carries from `lo` and lost.
+#[test]
+fn the_first_answer_to_a_proxy_the_host_has_not_resolved_arrives() -> Result<()> {
+    require_root!();
+    let t = Topology::new()?;
+    let _echo = UdpEcho::start(&t.host, &["127.0.0.1:9000"])?;
+    let args = kernel().listen("0.0.0.0:8443").target4("127.0.0.1:9000");
+    let d = Daemon::start(&t.host, &args)?;
+    let to = mm(HOST_V4);
+    // The balancer resolves the host, and the host the balancer's first address.
+    UdpBalancer::new(&t, LB_V4)?.roundtrip(sa("198.51.100.77:7700"), to, b"resolve")?;
+    let before = d.wait_counter("kernel_udp_relayed_out", 1, WAIT)?;
+    t.host
+        .ip(&["neigh", "flush", "to", LB_OTHER_V4, "dev", "eth0"])?;
+    let known = t
+        .host
+        .ip_output(&["neigh", "show", "to", LB_OTHER_V4, "dev", "eth0"])?;
+    ensure!(
+        known.trim().is_empty(),
+        "the host knows {LB_OTHER_V4}: {known}"
+    );
+
+    let other = UdpBalancer::new(&t, LB_OTHER_V4)?;
+    other
+        .roundtrip(sa("198.51.100.78:7800"), to, b"first")
+        .with_context(|| d.log_text())?;
+    let after = d.stats()?;
+    // The answer went the kernel's way, not user space's.
+    assert_eq!(
+        delta(&before, &after, "kernel_udp_relayed_out"),
+        1,
+        "{after}"
+    );
+    assert_eq!(delta(&before, &after, "udp_replies"), 0, "{after}");
+    Ok(())
+}
+
 /// A container's veth is deleted and made again while a flow to its service is
 /// relayed by the kernel (the new veth has another interface index): the flow's
 /// datagrams are not lost to the old index. The kernel leaves them to user space,

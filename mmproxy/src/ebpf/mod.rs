@@ -10,6 +10,7 @@
 pub mod flow_map;
 pub mod ifaces;
 mod loader;
+mod neighbour;
 mod probe;
 pub mod relay_map;
 mod rules;

@@ -14,6 +14,13 @@
 //! martian (unless `route_localnet`), so those are sent through `lo` as output,
 //! `bpf_redirect_neigh` to `lo` (whose own local route matches it), and arrive with
 //! the output route attached, as the upstream socket's datagrams do.
+//!
+//! Answers leave through the interface the proxy's datagram arrived on. Their
+//! next hop (the proxy itself when on-link, else the route's gateway) is asked
+//! for once per proxy and interface and, when the kernel has already resolved
+//! that neighbour (`super::neighbour`, asked at every hand-over), put in the
+//! action, so the tc program skips the route lookup `bpf_redirect_neigh` would
+//! make for every answer.
 use std::collections::HashMap as StdHashMap;
 use std::fmt;
 use std::io;
@@ -23,7 +30,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
-use mmproxy_common::{RelayAction, RelayKey, RelayRelease, RELAY_HELD, RELAY_TO_LO};
+use mmproxy_common::{RelayAction, RelayKey, RelayRelease, RELAY_HELD, RELAY_NEXTHOP, RELAY_TO_LO};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -53,6 +60,9 @@ pub struct KernelUdpRelay {
     lo_ifindex: u32,
     /// Placement by (target address, mark): a mark can select another table.
     routes: Mutex<StdHashMap<(IpAddr, u32), Placement>>,
+    /// Answers' next hop by (proxy address, interface); `None`: let the kernel
+    /// route each answer.
+    nexthops: Mutex<StdHashMap<(IpAddr, u32), Option<IpAddr>>>,
 }
 
 impl fmt::Debug for KernelUdpRelay {
@@ -75,6 +85,7 @@ impl KernelUdpRelay {
             generation: AtomicU32::new(0),
             lo_ifindex,
             routes: Mutex::new(StdHashMap::new()),
+            nexthops: Mutex::new(StdHashMap::new()),
         }
     }
 
@@ -82,6 +93,7 @@ impl KernelUdpRelay {
     /// and new flows must see the new routes. Flows already relayed keep theirs.
     pub fn forget_routes(&self) {
         lock(&self.routes).clear();
+        lock(&self.nexthops).clear();
     }
 
     /// Each change is one map call: nothing to repair after a panic elsewhere.
@@ -107,6 +119,26 @@ impl KernelUdpRelay {
         routes.insert((ip, mark), p);
         Ok(p)
     }
+
+    /// The next hop of answers to `proxy` out of `ifindex`. Any doubt (no route,
+    /// another interface, a lookup error) leaves it to the kernel's per-packet
+    /// lookup, which is what the relay did without it.
+    fn answer_nexthop(&self, proxy: SocketAddr, ifindex: u32) -> Option<IpAddr> {
+        let ip = crate::addr::canonical(proxy).ip();
+        if let Some(nh) = lock(&self.nexthops).get(&(ip, ifindex)) {
+            return *nh;
+        }
+        let nh = route_query(ip, 0, Some(ifindex))
+            .ok()
+            .flatten()
+            .and_then(|r| nexthop_of(&r, ip, ifindex));
+        let mut cache = lock(&self.nexthops);
+        if cache.len() >= ROUTE_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert((ip, ifindex), nh);
+        nh
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,13 +146,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The two halves of `flow`, delivered by `placement` (`lo_ifindex` for
-/// [`Placement::Local`]), registration number `generation`, the inbound half held.
-/// `None` for a flow that changes family.
+/// [`Placement::Local`]), registration number `generation`, the inbound half held,
+/// answers through `answer_nh` when known. `None` for a flow that changes family.
 pub fn actions(
     flow: &RelayFlow,
     placement: Placement,
     lo_ifindex: u32,
     generation: u32,
+    answer_nh: Option<IpAddr>,
 ) -> Option<[(RelayKey, RelayAction); 2]> {
     let family = flow.family()?;
     let inbound = flow.inbound_key()?;
@@ -146,8 +179,15 @@ pub fn actions(
             generation,
             _pad2: 0,
             held_punts: 0,
+            nh_addr: [0; 16],
         }
     };
+    let mut answer = action(flow.local, flow.proxy, flow.ifindex, 0, 0);
+    if let Some(nh) = answer_nh {
+        let (nh_addr, _) = key_addr(SocketAddr::new(nh, 0));
+        answer.flags |= RELAY_NEXTHOP;
+        answer.nh_addr = nh_addr;
+    }
     Some([
         // As the upstream socket sends: from the client's address it is bound to.
         (
@@ -162,7 +202,7 @@ pub fn actions(
         ),
         // As the listening socket answers: from where the proxy sent to, back out
         // of the interface its datagram came in on.
-        (outbound, action(flow.local, flow.proxy, flow.ifindex, 0, 0)),
+        (outbound, answer),
     ])
 }
 
@@ -172,14 +212,19 @@ impl UdpRelay for KernelUdpRelay {
             return Err(RelayError::MixedFamily);
         }
         let placement = self.placement(flow.target, flow.mark)?;
+        // Named only while the kernel has the neighbour's address (see
+        // `super::neighbour`): an answer queued for resolution would be lost.
+        let nh = self
+            .answer_nexthop(flow.proxy, flow.ifindex)
+            .filter(|nh| super::neighbour::resolved(*nh, flow.ifindex));
         // A release left from an earlier registration of the same key names
         // another generation, so the new one starts held whatever the LRU kept.
         let generation = self
             .generation
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
-        let halves =
-            actions(flow, placement, self.lo_ifindex, generation).ok_or(RelayError::MixedFamily)?;
+        let halves = actions(flow, placement, self.lo_ifindex, generation, nh)
+            .ok_or(RelayError::MixedFamily)?;
         let mut map = self.map();
         // The answers' half first: once the inbound half is in, answers come.
         for (key, action) in halves.iter().rev() {
@@ -238,6 +283,12 @@ impl UdpRelay for KernelUdpRelay {
 /// Where the kernel would route a datagram to `ip` with `mark`: `Ok(None)` when
 /// it has no route (unreachable, prohibited, blackhole).
 pub fn route_get(ip: IpAddr, mark: u32) -> io::Result<Option<Placement>> {
+    Ok(route_query(ip, mark, None)?.and_then(|r| classify(&r)))
+}
+
+/// The kernel's route to `ip` with `mark` (out of `oif` if given), as `ip route
+/// get` asks for it; `Ok(None)` when there is none.
+fn route_query(ip: IpAddr, mark: u32, oif: Option<u32>) -> io::Result<Option<RouteMessage>> {
     let mut msg = RouteMessage::default();
     let (family, prefix, dst) = match ip {
         IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
@@ -248,6 +299,9 @@ pub fn route_get(ip: IpAddr, mark: u32) -> io::Result<Option<Placement>> {
     msg.attributes.push(RouteAttribute::Destination(dst));
     if mark != 0 {
         msg.attributes.push(RouteAttribute::Mark(mark));
+    }
+    if let Some(oif) = oif {
+        msg.attributes.push(RouteAttribute::Oif(oif));
     }
     let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
     req.header.flags = NLM_F_REQUEST;
@@ -263,7 +317,7 @@ pub fn route_get(ip: IpAddr, mark: u32) -> io::Result<Option<Placement>> {
     let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     match reply.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => Ok(classify(&r)),
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => Ok(Some(r)),
         NetlinkPayload::Error(e) => {
             let err = e.to_io();
             match err.raw_os_error() {
@@ -294,6 +348,32 @@ pub fn classify(r: &RouteMessage) -> Option<Placement> {
     }
 }
 
+/// The neighbour a route to `dst` out of `ifindex` sends to: its gateway, or `dst`
+/// itself on-link. `None` unless it is a plain unicast route out of `ifindex` whose
+/// gateway is of `dst`'s family.
+pub fn nexthop_of(r: &RouteMessage, dst: IpAddr, ifindex: u32) -> Option<IpAddr> {
+    if r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut oif = None;
+    let mut gateway = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+            // An IPv4 route via an IPv6 gateway, or anything else unusual.
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => return None,
+            _ => {}
+        }
+    }
+    if oif != Some(ifindex) {
+        return None;
+    }
+    let nh = gateway.unwrap_or(dst);
+    (nh.is_ipv4() == dst.is_ipv4()).then_some(nh)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,7 +401,7 @@ mod tests {
             "198.51.100.9:41000",
             "203.0.113.130:9000",
         );
-        let [(ik, ia), (ok, oa)] = actions(&f, Placement::Via(4), 1, 9).unwrap();
+        let [(ik, ia), (ok, oa)] = actions(&f, Placement::Via(4), 1, 9, None).unwrap();
         assert_eq!((ik.direction, ok.direction), (RELAY_IN, RELAY_OUT));
         assert_eq!(Some(ik), f.inbound_key());
         assert_eq!(Some(ok), f.outbound_key());
@@ -354,7 +434,7 @@ mod tests {
             "[2001:db8:9::9]:41000",
             "[::1]:9000",
         );
-        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9).unwrap();
+        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9, None).unwrap();
         assert_eq!(
             (ia.flags, ia.ifindex, ia.family),
             (RELAY_TO_LO | RELAY_HELD, 1, FAMILY_V6)
@@ -374,7 +454,7 @@ mod tests {
             "[2001:db8::9]:41000",
             "[::1]:9000",
         );
-        assert!(actions(&f, Placement::Local, 1, 9).is_none());
+        assert!(actions(&f, Placement::Local, 1, 9, None).is_none());
     }
 
     #[test]
@@ -385,7 +465,7 @@ mod tests {
             "198.51.100.9:41000",
             "127.0.0.1:9000",
         );
-        for (k, a) in actions(&f, Placement::Local, 1, 9).unwrap() {
+        for (k, a) in actions(&f, Placement::Local, 1, 9, None).unwrap() {
             let kb = bytemuck::bytes_of(&k).to_vec();
             let ab = bytemuck::bytes_of(&a).to_vec();
             assert_eq!(*bytemuck::from_bytes::<RelayKey>(&kb), k);
@@ -414,6 +494,74 @@ mod tests {
         assert_eq!(classify(&route(RouteType::Unreachable, None)), None);
     }
 
+    #[test]
+    fn answers_carry_the_next_hop_when_one_is_known() {
+        let f = flow(
+            "192.0.2.1:5000",
+            "192.0.2.2:8443",
+            "198.51.100.9:41000",
+            "127.0.0.1:9000",
+        );
+        let gw: IpAddr = "192.0.2.254".parse().unwrap();
+        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9, Some(gw)).unwrap();
+        assert_eq!(oa.flags, RELAY_NEXTHOP);
+        assert_eq!(&oa.nh_addr[..4], &[192, 0, 2, 254]);
+        assert_eq!(&oa.nh_addr[4..], &[0; 12]);
+        // The inbound half is untouched.
+        assert_eq!((ia.flags, ia.nh_addr), (RELAY_TO_LO | RELAY_HELD, [0; 16]));
+        let [_, (_, oa)] = actions(&f, Placement::Local, 1, 9, None).unwrap();
+        assert_eq!((oa.flags, oa.nh_addr), (0, [0; 16]));
+    }
+
+    #[test]
+    fn the_next_hop_is_the_gateway_or_the_proxy_on_link_and_only_out_of_its_interface() {
+        let route = |kind, oif: u32, gw: Option<IpAddr>| {
+            let mut r = RouteMessage::default();
+            r.header.kind = kind;
+            r.attributes.push(RouteAttribute::Oif(oif));
+            r.attributes
+                .extend(gw.map(|g| RouteAttribute::Gateway(RouteAddress::from(g))));
+            r
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("192.0.2.1");
+        assert_eq!(
+            nexthop_of(&route(RouteType::Unicast, 7, None), proxy, 7),
+            Some(proxy)
+        );
+        assert_eq!(
+            nexthop_of(
+                &route(RouteType::Unicast, 7, Some(ip("192.0.2.254"))),
+                proxy,
+                7
+            ),
+            Some(ip("192.0.2.254"))
+        );
+        let proxy6 = ip("2001:db8::1");
+        assert_eq!(
+            nexthop_of(
+                &route(RouteType::Unicast, 7, Some(ip("fe80::1"))),
+                proxy6,
+                7
+            ),
+            Some(ip("fe80::1"))
+        );
+        // Another interface than the answers leave through, a local proxy, an IPv4
+        // route through an IPv6 gateway: the kernel routes those answers itself.
+        assert_eq!(
+            nexthop_of(&route(RouteType::Unicast, 8, None), proxy, 7),
+            None
+        );
+        assert_eq!(
+            nexthop_of(&route(RouteType::Local, 7, None), proxy, 7),
+            None
+        );
+        assert_eq!(
+            nexthop_of(&route(RouteType::Unicast, 7, Some(ip("fe80::1"))), proxy, 7),
+            None
+        );
+    }
+
     /// Loopback is local in every namespace; run in one of its own anyway, as
     /// every privileged test does.
     #[test]
@@ -423,6 +571,38 @@ mod tests {
             assert_eq!(lo, Some(Placement::Local));
             // lo is up in the test namespace, but nothing else is: no route.
             assert_eq!(route_get("192.0.2.77".parse().unwrap(), 0).unwrap(), None);
+        });
+    }
+
+    #[test]
+    fn the_kernel_gives_answers_the_proxy_on_link_and_the_gateway_beyond() {
+        crate::testing::in_netns("answers_next_hop", |_, _| async {
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "ip {args:?}");
+            };
+            ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+            ip(&["addr", "add", "192.0.2.2/24", "dev", "d0"]);
+            ip(&["link", "set", "d1", "up"]);
+            ip(&["link", "set", "d0", "up"]);
+            ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.254"]);
+            let name = std::ffi::CString::new("d0").unwrap();
+            // SAFETY: a NUL-terminated name; the lookup is in this thread's namespace.
+            let d0 = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(d0, 0);
+            let nh = |dst: &str, oif| {
+                let dst: IpAddr = dst.parse().unwrap();
+                route_query(dst, 0, Some(oif))
+                    .unwrap()
+                    .and_then(|r| nexthop_of(&r, dst, oif))
+            };
+            assert_eq!(nh("192.0.2.1", d0), Some("192.0.2.1".parse().unwrap()));
+            assert_eq!(nh("198.51.100.7", d0), Some("192.0.2.254".parse().unwrap()));
+            // This host's own address: delivered locally, no neighbour to send to.
+            assert_eq!(nh("192.0.2.2", d0), None);
         });
     }
 }
