@@ -44,7 +44,7 @@ pub struct UdpPacket {
 /// halves off, so one program's use of the slot is never interrupted by another's.
 #[inline(never)]
 pub fn parse_udp(ctx: &TcContext) -> Option<&'static mut UdpPacket> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let ethertype = u16::from_be_bytes(load_array::<2>(ctx, 12)?);
     // SAFETY: a plain read of the context the kernel hands tc programs.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     let frame_len = ctx.len() as usize;
@@ -108,8 +108,27 @@ pub fn parse_udp(ctx: &TcContext) -> Option<&'static mut UdpPacket> {
     Some(pkt)
 }
 
+/// Furthest offset read straight from the packet: past it, and for bytes not in
+/// the skb's linear part, `bpf_skb_load_bytes` reads.
+const MAX_DIRECT: usize = 256;
+
+/// Copies the packet's bytes at `offset` into `dst`. Headers and small datagrams
+/// lie in the skb's linear part, where a plain load reads them: a helper call for
+/// each read was a good share of what relaying a datagram cost. Anything else
+/// (paged data, a short frame) goes through the helper.
 #[inline(always)]
-fn load_into(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Option<()> {
+pub fn load_into(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Option<()> {
+    if offset <= MAX_DIRECT {
+        let start = ctx.data() + offset;
+        if start + dst.len() <= ctx.data_end() {
+            // SAFETY: `[start, start + len)` lies inside the linear data (checked
+            // against data_end just now), and `dst` is writable for `len`.
+            unsafe {
+                core::ptr::copy_nonoverlapping(start as *const u8, dst.as_mut_ptr(), dst.len())
+            };
+            return Some(());
+        }
+    }
     // SAFETY: `dst` is writable for its length, which the helper is given.
     let r = unsafe {
         bpf_skb_load_bytes(
@@ -120,4 +139,12 @@ fn load_into(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Option<()> {
         )
     };
     (r == 0).then_some(())
+}
+
+/// `N` packet bytes at `offset`, read as [`load_into`] does.
+#[inline(always)]
+pub fn load_array<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    let mut a = [0u8; N];
+    load_into(ctx, offset, &mut a)?;
+    Some(a)
 }

@@ -4,7 +4,7 @@
 use aya_ebpf::programs::TcContext;
 use mmproxy_common::FAMILY_V4;
 
-use crate::parse::{UdpPacket, UDP_HLEN};
+use crate::parse::{load_array, UdpPacket, UDP_HLEN};
 
 /// `\r\n\r\n\0\r\nQUIT\n`, as three words in packet byte order.
 const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -40,7 +40,7 @@ pub struct ProxyHeader {
 pub fn check(ctx: &TcContext, pkt: &UdpPacket, max_header_len: u32) -> Option<ProxyHeader> {
     let p = pkt.l4 + UDP_HLEN;
     let payload = usize::from(pkt.udp_len).checked_sub(UDP_HLEN)?;
-    let fixed: [u8; FIXED_LEN] = ctx.load(p).ok()?;
+    let fixed: [u8; FIXED_LEN] = load_array(ctx, p)?;
     // Word compares: a slice compare would become a memcmp call.
     for i in 0..3 {
         let at = i * 4;
@@ -79,12 +79,12 @@ pub fn check(ctx: &TcContext, pkt: &UdpPacket, max_header_len: u32) -> Option<Pr
     let mut client = [0u8; 16];
     let mut orig_dst = [0u8; 16];
     let ports: [u8; 4] = if v4 {
-        let a: [u8; 12] = ctx.load(p + FIXED_LEN).ok()?;
+        let a: [u8; 12] = load_array(ctx, p + FIXED_LEN)?;
         client[..4].copy_from_slice(&a[0..4]);
         orig_dst[..4].copy_from_slice(&a[4..8]);
         [a[8], a[9], a[10], a[11]]
     } else {
-        let a: [u8; 36] = ctx.load(p + FIXED_LEN).ok()?;
+        let a: [u8; 36] = load_array(ctx, p + FIXED_LEN)?;
         client.copy_from_slice(&a[0..16]);
         orig_dst.copy_from_slice(&a[16..32]);
         [a[32], a[33], a[34], a[35]]
