@@ -70,7 +70,7 @@ impl UdpBalancer {
     /// The next answer and where it came from; `None` when none came in time.
     pub fn try_recv(&self) -> Result<Option<(Vec<u8>, SocketAddr)>> {
         let mut buf = vec![0u8; 65536];
-        match self.0.recv_from(&mut buf) {
+        match crate::uninterrupted(|| self.0.recv_from(&mut buf)) {
             Ok((n, from)) => {
                 buf.truncate(n);
                 Ok(Some((buf, from)))

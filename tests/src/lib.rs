@@ -24,6 +24,19 @@ use std::time::Duration;
 /// has 2 cores).
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Runs a blocking call again when it was interrupted. A socket with a receive
+/// timeout returns `EINTR` rather than restarting after any interruption (a signal,
+/// or the task being frozen and thawed), which says nothing about what the test
+/// waits for.
+pub fn uninterrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// Whether privileged tests can run here. Without root they skip with one line —
 /// except under `CI=true`, where a skip would hide a broken suite, so they fail.
 /// Tests call it through [`require_root!`].

@@ -16,7 +16,7 @@ use mmproxy_tests::daemon::counter;
 use mmproxy_tests::daemon::Daemon;
 use mmproxy_tests::netns::Netns;
 use mmproxy_tests::topology::*;
-use mmproxy_tests::{require_root, WAIT};
+use mmproxy_tests::{require_root, uninterrupted, WAIT};
 
 /// Datagrams per flow after the first (which is user space's).
 const KERNEL_ROUNDS: u64 = 4;
@@ -61,8 +61,7 @@ fn exchange(
     let payload = format!("datagram {i} of {client}, odd length.");
     b.send(&dgram(client, to), payload.as_bytes(), to)?;
     let mut buf = vec![0u8; 2048];
-    let (n, from) = svc
-        .recv_from(&mut buf)
+    let (n, from) = uninterrupted(|| svc.recv_from(&mut buf))
         .with_context(|| format!("datagram {i} of {client} never reached the service"))?;
     ensure!(from == client, "the service saw {from}, not {client}");
     ensure!(&buf[..n] == payload.as_bytes(), "datagram {i} changed");

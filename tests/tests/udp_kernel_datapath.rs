@@ -18,7 +18,7 @@ use mmproxy_tests::tcx::{attached_prog_ids, held_by, tcx_links};
 use mmproxy_tests::topology::*;
 use mmproxy_tests::udp_counts::{answers_relayed, wait_total};
 use mmproxy_tests::udp_upstream::{answer, UdpEcho};
-use mmproxy_tests::{require_root, WAIT};
+use mmproxy_tests::{require_root, uninterrupted, WAIT};
 
 /// How long a test waits before it takes silence for "dropped".
 const NO_ANSWER: Duration = Duration::from_secs(3);
@@ -96,10 +96,8 @@ impl Service {
 
     fn recv(&self) -> Result<(Vec<u8>, SocketAddr)> {
         let mut buf = vec![0u8; 65536];
-        let (n, from) = self
-            .0
-            .recv_from(&mut buf)
-            .context("the service received nothing")?;
+        let (n, from) =
+            uninterrupted(|| self.0.recv_from(&mut buf)).context("the service received nothing")?;
         buf.truncate(n);
         Ok((buf, from))
     }

@@ -19,7 +19,7 @@ use mmproxy_tests::daemon::Daemon;
 use mmproxy_tests::topology::*;
 use mmproxy_tests::udp_upstream::{answer, UdpEcho};
 use mmproxy_tests::upstream::EchoServer;
-use mmproxy_tests::{require_root, WAIT};
+use mmproxy_tests::{require_root, uninterrupted, WAIT};
 
 const UPGRADES: usize = 10;
 /// The new instance's log line once the old one has stopped accepting.
@@ -518,8 +518,7 @@ fn sigusr2_starts_a_successor_that_becomes_the_main_process() -> Result<()> {
     let mut buf = [0u8; 512];
     let mut seen = Vec::new();
     while !seen.iter().any(|m: &String| m.trim_end() == want) {
-        let n = notify
-            .recv(&mut buf)
+        let n = uninterrupted(|| notify.recv(&mut buf))
             .with_context(|| format!("no {want:?} among {seen:?}"))?;
         seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
