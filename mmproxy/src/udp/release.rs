@@ -29,7 +29,10 @@
 //! release) would stay in user space for good; after [`EXACT_ATTEMPTS`] releases
 //! the kernel did not take, the listener ends the hold whatever the count
 //! (`RELEASE_ANYWAY`), and the few datagrams then between the kernel and user
-//! space may be overtaken once.
+//! space may be overtaken once. A listener that never finds its queue empty (it is
+//! saturated) would keep every new flow in user space exactly when handing flows
+//! to the kernel matters most: after [`BUSY_BATCHES`] full batches in a row with
+//! snapshots waiting, it ends those holds the same way.
 use mmproxy_common::RELEASE_ANYWAY;
 
 use crate::ebpf::HeldPunts;
@@ -40,6 +43,11 @@ use super::flow_table::FlowTable;
 
 /// Exact releases tried on one registration before one that ends the hold anyway.
 pub(super) const EXACT_ATTEMPTS: u8 = 8;
+
+/// Batches in a row that left the queue non-empty, with snapshots waiting, before
+/// those holds end anyway: at 32 datagrams a batch, more than a default-sized
+/// receive queue holds, so what was queued at the snapshot has been taken.
+pub(super) const BUSY_BATCHES: u32 = 64;
 
 /// Where a flow's inbound half stands, as its listener knows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,6 +68,27 @@ pub(super) enum Hold {
 pub(super) struct Releases {
     waiting: Vec<FlowId>,
     snapped: Vec<FlowId>,
+    busy: Busy,
+}
+
+/// Counts batches that left the queue non-empty while snapshots waited.
+#[derive(Debug, Default)]
+struct Busy(u32);
+
+impl Busy {
+    /// After a batch: whether the snapshots waiting must be released anyway now.
+    fn after_batch(&mut self, drained: bool, pending: bool) -> bool {
+        if drained || !pending {
+            self.0 = 0;
+            return false;
+        }
+        self.0 += 1;
+        if self.0 >= BUSY_BATCHES {
+            self.0 = 0;
+            return true;
+        }
+        false
+    }
 }
 
 impl Releases {
@@ -88,6 +117,9 @@ impl Releases {
         if drained {
             self.queue_empty(table, stats);
         }
+        if self.busy.after_batch(drained, self.pending()) {
+            self.release(table, stats, true);
+        }
         for id in self.waiting.drain(..) {
             let Some(kernel) = table.peek_mut(&id).and_then(|f| f.kernel.as_mut()) else {
                 continue;
@@ -109,13 +141,18 @@ impl Releases {
 
     /// A receive found the socket's queue empty: releases every snapshot (step 3).
     pub(super) fn queue_empty(&mut self, table: &mut FlowTable<FlowId, Flow>, stats: &Stats) {
+        self.release(table, stats, false);
+    }
+
+    /// Releases every snapshot; `anyway` ends the holds whatever the kernel counted.
+    fn release(&mut self, table: &mut FlowTable<FlowId, Flow>, stats: &Stats, anyway: bool) {
         for id in self.snapped.drain(..) {
             let Some(kernel) = table.peek_mut(&id).and_then(|f| f.kernel.as_mut()) else {
                 continue;
             };
             // Re-registered since the snapshot: its hold starts over.
             if let Hold::Snapped(mut held) = kernel.hold {
-                if kernel.release_attempts >= EXACT_ATTEMPTS {
+                if anyway || kernel.release_attempts >= EXACT_ATTEMPTS {
                     held.punts = RELEASE_ANYWAY;
                 }
                 kernel.release_attempts = kernel.release_attempts.saturating_add(1);
@@ -124,5 +161,31 @@ impl Releases {
                 Stats::inc(&stats.udp_kernel_released);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Busy, BUSY_BATCHES};
+
+    /// Only an unbroken run of full batches with snapshots waiting ends the holds
+    /// anyway; a batch that empties the queue, or one with nothing waiting, starts
+    /// the run over.
+    #[test]
+    fn a_saturated_listener_releases_anyway_after_busy_batches() {
+        let mut b = Busy::default();
+        for _ in 1..BUSY_BATCHES {
+            assert!(!b.after_batch(false, true));
+        }
+        assert!(b.after_batch(false, true));
+        for _ in 1..BUSY_BATCHES {
+            assert!(!b.after_batch(false, true));
+        }
+        assert!(!b.after_batch(true, true), "an emptied queue starts over");
+        for _ in 1..BUSY_BATCHES {
+            assert!(!b.after_batch(false, true));
+        }
+        assert!(!b.after_batch(false, false), "nothing waiting starts over");
+        assert!(!b.after_batch(false, true));
     }
 }
