@@ -98,6 +98,10 @@ pub struct Config {
     /// `--max-header-size`: longer PROXY headers are left to user space, which
     /// refuses them.
     pub max_header_len: u32,
+    /// Bumped by user space whenever the host's routes or links change: an answer's
+    /// next hop (`RELAY_NEXTHOP`) chosen under another epoch is not used any more,
+    /// and the kernel routes such answers one by one.
+    pub route_epoch: u32,
 }
 
 /// Default capacity of `FLOWS`; the daemon sizes it from `--max-connections` and
@@ -367,13 +371,15 @@ pub struct RelayAction {
     /// Which registration this is: user space numbers every add, so a release
     /// written for an earlier registration of the same key never applies.
     pub generation: u32,
-    pub _pad2: u32,
+    /// With `RELAY_NEXTHOP`: the `Config::route_epoch` the next hop was chosen
+    /// under; under any other, the next hop is ignored.
+    pub route_epoch: u32,
     /// Datagrams left to user space while `RELAY_HELD` (inbound half): counted by
     /// the kernel (atomically: 64 bits is the width BPF has atomics for), read by
     /// user space.
     pub held_punts: u64,
     /// With `RELAY_NEXTHOP`: the gateway or on-link neighbour to send to, in the
-    /// action's family.
+    /// action's family, valid while `route_epoch` is the configuration's.
     pub nh_addr: [u8; 16],
 }
 
@@ -536,13 +542,14 @@ mod tests {
 
     #[test]
     fn config_layout() {
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 28);
         assert_eq!(offset_of!(Config, rule_count), 0);
         assert_eq!(offset_of!(Config, filter_enabled), 4);
         assert_eq!(offset_of!(Config, return_mark), 8);
         assert_eq!(offset_of!(Config, lo_ifindex), 12);
         assert_eq!(offset_of!(Config, udp_relay), 16);
         assert_eq!(offset_of!(Config, max_header_len), 20);
+        assert_eq!(offset_of!(Config, route_epoch), 24);
     }
 
     #[test]
@@ -590,7 +597,7 @@ mod tests {
         assert_eq!(offset_of!(RelayAction, family), 53);
         assert_eq!(offset_of!(RelayAction, _pad), 54);
         assert_eq!(offset_of!(RelayAction, generation), 56);
-        assert_eq!(offset_of!(RelayAction, _pad2), 60);
+        assert_eq!(offset_of!(RelayAction, route_epoch), 60);
         assert_eq!(offset_of!(RelayAction, held_punts), 64);
         assert_eq!(offset_of!(RelayAction, nh_addr), 72);
     }

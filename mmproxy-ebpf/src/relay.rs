@@ -46,7 +46,12 @@ pub fn fits(ctx: &TcContext, action: &RelayAction, len_diff: i32, lo_ifindex: u3
 /// neighbour resolution of `bpf_redirect_neigh` need no forwarding sysctl (unlike
 /// `bpf_fib_lookup`), and it fills in the MAC addresses itself.
 #[inline(always)]
-pub fn deliver(ctx: &TcContext, action: *mut RelayAction, relayed: Counter) -> Verdict {
+pub fn deliver(
+    ctx: &TcContext,
+    action: *mut RelayAction,
+    relayed: Counter,
+    route_epoch: u32,
+) -> Verdict {
     // SAFETY: `action` points into a map value the caller looked up just now; the
     // LRU may reuse it concurrently, in which case the write is lost, no more.
     let a = unsafe { &mut *action };
@@ -62,11 +67,12 @@ pub fn deliver(ctx: &TcContext, action: *mut RelayAction, relayed: Counter) -> V
         }
         // SAFETY: plain helper.
         unsafe { bpf_redirect(a.ifindex, u64::from(BPF_F_INGRESS)) }
-    } else if a.flags & RELAY_NEXTHOP != 0 {
+    } else if a.flags & RELAY_NEXTHOP != 0 && a.route_epoch == route_epoch {
         // A route lookup per packet was a good part of what relaying cost; the
-        // next hop user space found once is the one it would give. The packet
-        // keeps the route it came with, which matters only if it has to wait for
-        // the neighbour: user space sets the flag only for a resolved one.
+        // next hop user space found once is the one it would give while the routes
+        // have not changed since (the epoch). The packet keeps the route it came
+        // with, which matters only if it has to wait for the neighbour: user space
+        // sets the flag only for a resolved one.
         let mut nh = next_hop(a);
         // SAFETY: plain helper; `nh` lives on the stack for the call.
         unsafe {

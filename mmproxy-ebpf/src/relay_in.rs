@@ -130,7 +130,7 @@ fn try_relay_in(ctx: &TcContext, config: &Config) -> Verdict {
     if rewrite(ctx, pkt, a, hdr.len as u16, removed_sum).is_err() {
         return Verdict::Punt(Counter::UdpRelayFailed).shot();
     }
-    deliver(ctx, action, Counter::UdpRelayedIn)
+    deliver(ctx, action, Counter::UdpRelayedIn, config.route_epoch)
 }
 
 /// Whether the flow's datagram must still go to user space (`RELAY_HELD`): when

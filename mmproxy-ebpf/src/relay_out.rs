@@ -70,5 +70,5 @@ fn try_relay_out(ctx: &TcContext, config: &Config) -> Verdict {
     if rewrite(ctx, pkt, a, 0, 0).is_err() {
         return Verdict::Punt(Counter::UdpRelayFailed).shot();
     }
-    deliver(ctx, action, Counter::UdpRelayedOut)
+    deliver(ctx, action, Counter::UdpRelayedOut, config.route_epoch)
 }

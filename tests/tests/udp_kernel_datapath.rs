@@ -744,6 +744,53 @@ fn the_first_answer_to_a_proxy_the_host_has_not_resolved_arrives() -> Result<()>
     Ok(())
 }
 
+/// The host's routes change while a flow's answers are relayed with their next hop
+/// (the balancer's address, resolved when the flow was handed over): the kernel
+/// stops using that next hop (`Config::route_epoch`) and routes each answer again,
+/// so an answer still arrives after the balancer's neighbour entry is gone. With
+/// the old next hop, the answer waiting for the neighbour's resolution would be
+/// re-sent along `lo`'s route and lost.
+#[test]
+fn after_a_route_change_answers_are_routed_again_and_survive_a_lost_neighbour() -> Result<()> {
+    require_root!();
+    let t = Topology::new()?;
+    let _echo = UdpEcho::start(&t.host, &["127.0.0.1:9000"])?;
+    let args = kernel().listen("0.0.0.0:8443").target4("127.0.0.1:9000");
+    let d = Daemon::start(&t.host, &args)?;
+    let (client, to) = (sa("198.51.100.79:7900"), mm(HOST_V4));
+    let b = UdpBalancer::new(&t, LB_V4)?;
+    b.roundtrip(client, to, b"first")?;
+    d.wait_counter(RELEASED, 1, WAIT)?;
+    b.roundtrip(client, to, b"kernel")?;
+    let before = d.wait_counter("kernel_udp_relayed_out", 1, WAIT)?;
+
+    // A route no flow uses: the host's network changed all the same.
+    t.host
+        .ip(&["route", "add", "blackhole", "203.0.113.250/32"])?;
+    d.wait_counter(
+        "return_path_evaluations",
+        counter(&before, "return_path_evaluations") + 1,
+        WAIT,
+    )?;
+    t.host.ip(&["neigh", "flush", "to", LB_V4, "dev", "eth0"])?;
+    let known = t
+        .host
+        .ip_output(&["neigh", "show", "to", LB_V4, "dev", "eth0"])?;
+    ensure!(known.trim().is_empty(), "the host knows {LB_V4}: {known}");
+
+    b.roundtrip(client, to, b"after the change")
+        .with_context(|| d.log_text())?;
+    let after = d.stats()?;
+    // Still the kernel's: relayed without its next hop, not handed back.
+    assert_eq!(
+        delta(&before, &after, "kernel_udp_relayed_out"),
+        1,
+        "{after}"
+    );
+    assert_eq!(delta(&before, &after, "udp_replies"), 0, "{after}");
+    Ok(())
+}
+
 /// A container's veth is deleted and made again while a flow to its service is
 /// relayed by the kernel (the new veth has another interface index): the flow's
 /// datagrams are not lost to the old index. The kernel leaves them to user space,

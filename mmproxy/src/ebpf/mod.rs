@@ -261,6 +261,7 @@ impl KernelSide {
             lo_ifindex,
             udp_relay: u32::from(opts.udp_relay),
             max_header_len: opts.max_header_len,
+            route_epoch: 0,
         };
         config
             .set(0, cfg, 0)
@@ -311,8 +312,12 @@ impl KernelSide {
         // The relay's programs go on only with the relay; a network change may
         // have moved a target's route, which new flows must follow.
         let mut want = want.clone();
+        let mut epoch_failed = None;
         match &self.udp_relay {
-            Some(relay) => relay.forget_routes(),
+            Some(relay) => {
+                let epoch = relay.forget_routes();
+                epoch_failed = self.set_route_epoch(epoch).err();
+            }
             None => {
                 want.udp_in.clear();
                 want.lo_egress.clear();
@@ -333,7 +338,21 @@ impl KernelSide {
             .tc
             .apply(&mut self._ebpf, want, sysctl_failed.is_some());
         changes.failed.extend(sysctl_failed);
+        changes.failed.extend(epoch_failed);
         changes
+    }
+
+    /// Tells the tc programs the routes changed (`Config::route_epoch`): answers'
+    /// next hops chosen before are not used any more.
+    fn set_route_epoch(&mut self, epoch: u32) -> Result<(), EbpfError> {
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(|source| map_err(map_names::CONFIG, source))?;
+        cfg.route_epoch = epoch;
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|source| map_err(map_names::CONFIG, source))
     }
 
     /// The interfaces holding each tc program now.

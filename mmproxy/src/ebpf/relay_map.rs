@@ -16,11 +16,14 @@
 //! the output route attached, as the upstream socket's datagrams do.
 //!
 //! Answers leave through the interface the proxy's datagram arrived on. Their
-//! next hop (the proxy itself when on-link, else the route's gateway) is asked
-//! for once per proxy and interface and, when the kernel has already resolved
-//! that neighbour (`super::neighbour`, asked at every hand-over), put in the
-//! action, so the tc program skips the route lookup `bpf_redirect_neigh` would
-//! make for every answer.
+//! next hop (the proxy itself when on-link, else the route's gateway, as the
+//! kernel routes from the address the proxy sent to) is asked for once per proxy,
+//! local address and interface and, when the kernel has already resolved that
+//! neighbour (`super::neighbour`, asked at every hand-over), put in the action, so
+//! the tc program skips the route lookup `bpf_redirect_neigh` would make for every
+//! answer. It holds for the routes of its *epoch*: a change of the host's network
+//! bumps `Config::route_epoch` ([`KernelUdpRelay::forget_routes`]), and the tc
+//! program routes the answers of flows handed over before one by one again.
 use std::collections::HashMap as StdHashMap;
 use std::fmt;
 use std::io;
@@ -60,9 +63,11 @@ pub struct KernelUdpRelay {
     lo_ifindex: u32,
     /// Placement by (target address, mark): a mark can select another table.
     routes: Mutex<StdHashMap<(IpAddr, u32), Placement>>,
-    /// Answers' next hop by (proxy address, interface); `None`: let the kernel
-    /// route each answer.
-    nexthops: Mutex<StdHashMap<(IpAddr, u32), Option<IpAddr>>>,
+    /// Answers' next hop by (proxy address, local address, interface); `None`:
+    /// let the kernel route each answer.
+    nexthops: Mutex<StdHashMap<(IpAddr, IpAddr, u32), Option<IpAddr>>>,
+    /// The routes' epoch the cached next hops belong to (`Config::route_epoch`).
+    epoch: AtomicU32,
 }
 
 impl fmt::Debug for KernelUdpRelay {
@@ -86,14 +91,19 @@ impl KernelUdpRelay {
             lo_ifindex,
             routes: Mutex::new(StdHashMap::new()),
             nexthops: Mutex::new(StdHashMap::new()),
+            epoch: AtomicU32::new(0),
         }
     }
 
     /// Forgets the cached routes: the host's network changed (`crate::netwatch`),
-    /// and new flows must see the new routes. Flows already relayed keep theirs.
-    pub fn forget_routes(&self) {
+    /// and new flows must see the new routes. Returns the new routes' epoch, for
+    /// `Config::route_epoch`: answers of flows relayed already keep their
+    /// interface, but not a next hop chosen before.
+    pub fn forget_routes(&self) -> u32 {
         lock(&self.routes).clear();
         lock(&self.nexthops).clear();
+        // After the clear: an add that reads the new epoch looks its next hop up anew.
+        self.epoch.fetch_add(1, Ordering::SeqCst).wrapping_add(1)
     }
 
     /// Each change is one map call: nothing to repair after a panic elsewhere.
@@ -120,15 +130,17 @@ impl KernelUdpRelay {
         Ok(p)
     }
 
-    /// The next hop of answers to `proxy` out of `ifindex`. Any doubt (no route,
+    /// The next hop of answers from `local` to `proxy` out of `ifindex` (from
+    /// `local`: source-based rules may pick another gateway). Any doubt (no route,
     /// another interface, a lookup error) leaves it to the kernel's per-packet
     /// lookup, which is what the relay did without it.
-    fn answer_nexthop(&self, proxy: SocketAddr, ifindex: u32) -> Option<IpAddr> {
+    fn answer_nexthop(&self, proxy: SocketAddr, local: SocketAddr, ifindex: u32) -> Option<IpAddr> {
         let ip = crate::addr::canonical(proxy).ip();
-        if let Some(nh) = lock(&self.nexthops).get(&(ip, ifindex)) {
+        let src = crate::addr::canonical(local).ip();
+        if let Some(nh) = lock(&self.nexthops).get(&(ip, src, ifindex)) {
             return *nh;
         }
-        let nh = route_query(ip, 0, Some(ifindex))
+        let nh = route_query(ip, 0, Some(ifindex), Some(src))
             .ok()
             .flatten()
             .and_then(|r| nexthop_of(&r, ip, ifindex));
@@ -136,7 +148,7 @@ impl KernelUdpRelay {
         if cache.len() >= ROUTE_CACHE_MAX {
             cache.clear();
         }
-        cache.insert((ip, ifindex), nh);
+        cache.insert((ip, src, ifindex), nh);
         nh
     }
 }
@@ -147,13 +159,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The two halves of `flow`, delivered by `placement` (`lo_ifindex` for
 /// [`Placement::Local`]), registration number `generation`, the inbound half held,
-/// answers through `answer_nh` when known. `None` for a flow that changes family.
+/// answers through `answer_nh` (chosen under routes' epoch `route_epoch`) when
+/// known. `None` for a flow that changes family.
 pub fn actions(
     flow: &RelayFlow,
     placement: Placement,
     lo_ifindex: u32,
     generation: u32,
     answer_nh: Option<IpAddr>,
+    route_epoch: u32,
 ) -> Option<[(RelayKey, RelayAction); 2]> {
     let family = flow.family()?;
     let inbound = flow.inbound_key()?;
@@ -177,7 +191,7 @@ pub fn actions(
             family,
             _pad: [0; 2],
             generation,
-            _pad2: 0,
+            route_epoch,
             held_punts: 0,
             nh_addr: [0; 16],
         }
@@ -212,10 +226,13 @@ impl UdpRelay for KernelUdpRelay {
             return Err(RelayError::MixedFamily);
         }
         let placement = self.placement(flow.target, flow.mark)?;
+        // Before the next hop is looked up: a network change in between then makes
+        // the kernel ignore it rather than use a stale one.
+        let epoch = self.epoch.load(Ordering::SeqCst);
         // Named only while the kernel has the neighbour's address (see
         // `super::neighbour`): an answer queued for resolution would be lost.
         let nh = self
-            .answer_nexthop(flow.proxy, flow.ifindex)
+            .answer_nexthop(flow.proxy, flow.local, flow.ifindex)
             .filter(|nh| super::neighbour::resolved(*nh, flow.ifindex));
         // A release left from an earlier registration of the same key names
         // another generation, so the new one starts held whatever the LRU kept.
@@ -223,7 +240,7 @@ impl UdpRelay for KernelUdpRelay {
             .generation
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
-        let halves = actions(flow, placement, self.lo_ifindex, generation, nh)
+        let halves = actions(flow, placement, self.lo_ifindex, generation, nh, epoch)
             .ok_or(RelayError::MixedFamily)?;
         let mut map = self.map();
         // The answers' half first: once the inbound half is in, answers come.
@@ -283,12 +300,17 @@ impl UdpRelay for KernelUdpRelay {
 /// Where the kernel would route a datagram to `ip` with `mark`: `Ok(None)` when
 /// it has no route (unreachable, prohibited, blackhole).
 pub fn route_get(ip: IpAddr, mark: u32) -> io::Result<Option<Placement>> {
-    Ok(route_query(ip, mark, None)?.and_then(|r| classify(&r)))
+    Ok(route_query(ip, mark, None, None)?.and_then(|r| classify(&r)))
 }
 
-/// The kernel's route to `ip` with `mark` (out of `oif` if given), as `ip route
-/// get` asks for it; `Ok(None)` when there is none.
-fn route_query(ip: IpAddr, mark: u32, oif: Option<u32>) -> io::Result<Option<RouteMessage>> {
+/// The kernel's route to `ip` with `mark` (out of `oif`, from `src`, if given), as
+/// `ip route get` asks for it; `Ok(None)` when there is none.
+fn route_query(
+    ip: IpAddr,
+    mark: u32,
+    oif: Option<u32>,
+    src: Option<IpAddr>,
+) -> io::Result<Option<RouteMessage>> {
     let mut msg = RouteMessage::default();
     let (family, prefix, dst) = match ip {
         IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
@@ -302,6 +324,13 @@ fn route_query(ip: IpAddr, mark: u32, oif: Option<u32>) -> io::Result<Option<Rou
     }
     if let Some(oif) = oif {
         msg.attributes.push(RouteAttribute::Oif(oif));
+    }
+    if let Some(src) = src {
+        msg.header.source_prefix_length = prefix;
+        msg.attributes.push(RouteAttribute::Source(match src {
+            IpAddr::V4(a) => RouteAddress::Inet(a),
+            IpAddr::V6(a) => RouteAddress::Inet6(a),
+        }));
     }
     let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
     req.header.flags = NLM_F_REQUEST;
@@ -401,7 +430,7 @@ mod tests {
             "198.51.100.9:41000",
             "203.0.113.130:9000",
         );
-        let [(ik, ia), (ok, oa)] = actions(&f, Placement::Via(4), 1, 9, None).unwrap();
+        let [(ik, ia), (ok, oa)] = actions(&f, Placement::Via(4), 1, 9, None, 0).unwrap();
         assert_eq!((ik.direction, ok.direction), (RELAY_IN, RELAY_OUT));
         assert_eq!(Some(ik), f.inbound_key());
         assert_eq!(Some(ok), f.outbound_key());
@@ -434,7 +463,7 @@ mod tests {
             "[2001:db8:9::9]:41000",
             "[::1]:9000",
         );
-        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9, None).unwrap();
+        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9, None, 0).unwrap();
         assert_eq!(
             (ia.flags, ia.ifindex, ia.family),
             (RELAY_TO_LO | RELAY_HELD, 1, FAMILY_V6)
@@ -454,7 +483,7 @@ mod tests {
             "[2001:db8::9]:41000",
             "[::1]:9000",
         );
-        assert!(actions(&f, Placement::Local, 1, 9, None).is_none());
+        assert!(actions(&f, Placement::Local, 1, 9, None, 0).is_none());
     }
 
     #[test]
@@ -465,7 +494,7 @@ mod tests {
             "198.51.100.9:41000",
             "127.0.0.1:9000",
         );
-        for (k, a) in actions(&f, Placement::Local, 1, 9, None).unwrap() {
+        for (k, a) in actions(&f, Placement::Local, 1, 9, None, 0).unwrap() {
             let kb = bytemuck::bytes_of(&k).to_vec();
             let ab = bytemuck::bytes_of(&a).to_vec();
             assert_eq!(*bytemuck::from_bytes::<RelayKey>(&kb), k);
@@ -503,13 +532,15 @@ mod tests {
             "127.0.0.1:9000",
         );
         let gw: IpAddr = "192.0.2.254".parse().unwrap();
-        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9, Some(gw)).unwrap();
+        let [(_, ia), (_, oa)] = actions(&f, Placement::Local, 1, 9, Some(gw), 5).unwrap();
         assert_eq!(oa.flags, RELAY_NEXTHOP);
         assert_eq!(&oa.nh_addr[..4], &[192, 0, 2, 254]);
         assert_eq!(&oa.nh_addr[4..], &[0; 12]);
+        // Valid only under the routes it was chosen with.
+        assert_eq!(oa.route_epoch, 5);
         // The inbound half is untouched.
         assert_eq!((ia.flags, ia.nh_addr), (RELAY_TO_LO | RELAY_HELD, [0; 16]));
-        let [_, (_, oa)] = actions(&f, Placement::Local, 1, 9, None).unwrap();
+        let [_, (_, oa)] = actions(&f, Placement::Local, 1, 9, None, 0).unwrap();
         assert_eq!((oa.flags, oa.nh_addr), (0, [0; 16]));
     }
 
@@ -593,14 +624,36 @@ mod tests {
             // SAFETY: a NUL-terminated name; the lookup is in this thread's namespace.
             let d0 = unsafe { libc::if_nametoindex(name.as_ptr()) };
             assert_ne!(d0, 0);
-            let nh = |dst: &str, oif| {
+            // Answers from a second address leave through another gateway.
+            ip(&["addr", "add", "192.0.2.3/24", "dev", "d0"]);
+            ip(&[
+                "route",
+                "add",
+                "198.51.100.0/24",
+                "via",
+                "192.0.2.253",
+                "table",
+                "77",
+            ]);
+            ip(&["rule", "add", "from", "192.0.2.3", "table", "77"]);
+            let nh_from = |dst: &str, oif, src: Option<&str>| {
                 let dst: IpAddr = dst.parse().unwrap();
-                route_query(dst, 0, Some(oif))
+                let src = src.map(|s| s.parse::<IpAddr>().unwrap());
+                route_query(dst, 0, Some(oif), src)
                     .unwrap()
                     .and_then(|r| nexthop_of(&r, dst, oif))
             };
+            let nh = |dst: &str, oif| nh_from(dst, oif, None);
             assert_eq!(nh("192.0.2.1", d0), Some("192.0.2.1".parse().unwrap()));
             assert_eq!(nh("198.51.100.7", d0), Some("192.0.2.254".parse().unwrap()));
+            assert_eq!(
+                nh_from("198.51.100.7", d0, Some("192.0.2.2")),
+                Some("192.0.2.254".parse().unwrap())
+            );
+            assert_eq!(
+                nh_from("198.51.100.7", d0, Some("192.0.2.3")),
+                Some("192.0.2.253".parse().unwrap())
+            );
             // This host's own address: delivered locally, no neighbour to send to.
             assert_eq!(nh("192.0.2.2", d0), None);
         });
