@@ -295,6 +295,14 @@ impl UdpRelay for KernelUdpRelay {
             .unwrap_or(0);
         (last != 0).then(|| Duration::from_nanos(last))
     }
+
+    fn current(&self, flow: &RelayFlow) -> bool {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let map = self.map();
+        [flow.inbound_key(), flow.outbound_key()]
+            .into_iter()
+            .all(|k| k.is_some_and(|k| map.get(&k, 0).is_ok_and(|a| a.route_epoch == epoch)))
+    }
 }
 
 /// Where the kernel would route a datagram to `ip` with `mark`: `Ok(None)` when

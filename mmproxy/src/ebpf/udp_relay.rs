@@ -151,6 +151,10 @@ pub trait UdpRelay: Send + Sync + fmt::Debug {
     /// CLOCK_MONOTONIC time of the last packet the kernel relayed for `flow` in
     /// either direction; `None` if it has relayed none (or the flow is unknown).
     fn last_active(&self, flow: &RelayFlow) -> Option<Duration>;
+    /// Whether the kernel still has both halves of `flow` (its LRU map may drop
+    /// entries before it is full), added under the routes in force now (a changed
+    /// network may have moved the target's interface).
+    fn current(&self, flow: &RelayFlow) -> bool;
 }
 
 /// A flow handed to the kernel, taken back when dropped: keep it as long as the
@@ -177,6 +181,11 @@ impl RelayRegistration {
     /// See [`UdpRelay::held`].
     pub fn held(&self) -> Option<HeldPunts> {
         self.relay.held(&self.flow)
+    }
+
+    /// See [`UdpRelay::current`].
+    pub fn current(&self) -> bool {
+        self.relay.current(&self.flow)
     }
 
     /// See [`UdpRelay::release`].

@@ -26,10 +26,14 @@ use super::reply_socket::ReplyKey;
 use super::{Clock, UdpContext};
 
 /// How long after handing a flow to the kernel a datagram of it reaching user space
-/// with nothing changed makes the daemon hand it over again. The kernel's LRU map
-/// may drop entries before it is full (its free lists are per CPU), and the kernel
-/// then leaves every datagram of the flow to user space; at most one map update per
-/// flow per this interval puts it back.
+/// with nothing changed makes the daemon look whether the kernel still has it as
+/// added. The kernel's LRU map may drop entries before it is full (its free lists
+/// are per CPU), and a network change may have taken the interface the entries
+/// name (a container's veth made again); the kernel then leaves the flow's
+/// datagrams to user space. At most one lookup per flow per this interval, and an
+/// update when the entries are gone or older than the routes, puts it back. A flow
+/// still current (its datagram came for another reason: too large, a header the
+/// kernel leaves to user space) is left as it is, not held anew.
 const REOFFER_AFTER_MS: u64 = 1000;
 
 /// Where a datagram came from and was sent to, as the kernel's keys need it.
@@ -134,6 +138,9 @@ impl KernelHalf {
             if let Some(r) = &self.registration {
                 if now.saturating_sub(self.offered_at) >= REOFFER_AFTER_MS {
                     self.offered_at = now;
+                    if r.current() {
+                        return;
+                    }
                     // Added again, held again.
                     self.hold = Hold::Held;
                     self.release_attempts = 0;
