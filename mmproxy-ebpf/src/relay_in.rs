@@ -141,8 +141,10 @@ fn try_relay_in(ctx: &TcContext, config: &Config) -> Verdict {
 /// from then on the check costs one flag test.
 #[inline(always)]
 fn held(key: &RelayKey, action: *mut RelayAction) -> bool {
-    // SAFETY: a map value, valid while the program runs; the LRU may reuse it
-    // concurrently, in which case a write is lost and the flow stays held.
+    // SAFETY: a map value, valid while the program runs. The LRU may reuse the
+    // element for another flow meanwhile (no grace period), and then these writes
+    // land in that flow's fresh value: its hold could end early or count one more.
+    // The window is a program run's, as for every LRU map value.
     let a = unsafe { &mut *action };
     if a.flags & RELAY_HELD == 0 {
         return false;

@@ -20,7 +20,9 @@ use mmproxy_common::{RelayAction, FAMILY_V4, PROTO_UDP};
 
 use crate::parse::{UdpPacket, ETH_HLEN, IPV4_HLEN};
 
-/// Word-aligned bytes, as [`csum_diff`] reads them.
+/// Bytes summed by [`csum_diff`] (whole 4-byte words: a length that is not a
+/// multiple of 4 is not summed past its last whole word), aligned for the
+/// `bpf_csum_diff` buffer that also uses it.
 #[repr(C, align(4))]
 pub struct Words<const N: usize>(pub [u8; N]);
 

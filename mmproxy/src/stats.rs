@@ -111,9 +111,9 @@ counters! {
     /// UDP flows (or changes of one) the kernel datapath did not take
     /// (`--udp-datapath kernel`): relayed in user space instead.
     udp_kernel_refused,
-    /// Holds the listeners ended on flows handed to the kernel datapath: the
-    /// flow's earlier datagrams had all been taken from the listening socket, so
-    /// the kernel relays the next.
+    /// Releases of the kernel's hold the listeners wrote on flows handed to the
+    /// kernel datapath, once the flow's earlier datagrams had been taken from the
+    /// listening socket: the kernel relays the next if its count agrees.
     udp_kernel_released,
     /// Re-evaluations of the return path's interfaces after the host's links,
     /// addresses or routes changed (and the one at start-up).

@@ -411,7 +411,7 @@ impl Collector for Metrics {
         counter(
             e,
             "udp_flows_kernel_released",
-            "Holds ended on UDP flows handed to the kernel datapath once user space had taken their earlier datagrams: the kernel relays from then on.",
+            "Releases of the kernel's hold on new UDP flows, written once user space had taken their earlier datagrams: the kernel relays a flow from then on if its count agrees.",
             None,
             load(&s.udp_kernel_released),
         )?;
