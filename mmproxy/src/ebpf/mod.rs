@@ -13,6 +13,7 @@ mod loader;
 mod neighbour;
 mod probe;
 pub mod relay_map;
+mod rtnl_query;
 mod rules;
 mod subnets;
 mod sysctl;

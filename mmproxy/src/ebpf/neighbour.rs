@@ -18,17 +18,16 @@
 //! handed to the kernel, not cached: a proxy seen for the first time has no
 //! entry yet, and the answer must not outlive the entry it describes.
 //!
-//! Left open: a flow handed over with a resolved neighbour keeps its next hop.
-//! Should that neighbour later fail (the proxy stops answering ARP or neighbour
-//! discovery) and be resolved again, the few answers queued meanwhile are lost
-//! rather than delivered late.
+//! Left open: a flow handed over with a resolved neighbour keeps its next hop
+//! until the host's network changes (`Config::route_epoch`). Should that
+//! neighbour fail or be removed meanwhile (the proxy stops answering ARP or
+//! neighbour discovery, `ip neigh flush`) and be resolved again, the few answers
+//! queued meanwhile are lost rather than delivered late.
 use std::io;
 use std::net::IpAddr;
 
-use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 
 // `NUD_*` (include/uapi/linux/neighbour.h): the states in which the kernel sends
 // to a neighbour without queueing the packet.
@@ -64,31 +63,10 @@ pub fn state(ip: IpAddr, ifindex: u32) -> io::Result<Option<u16>> {
     msg.header.family = family;
     msg.header.ifindex = ifindex;
     msg.attributes.push(NeighbourAttribute::Destination(dst));
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(msg));
-    req.header.flags = NLM_F_REQUEST;
-    req.finalize();
-    let mut buf = vec![0; req.buffer_len()];
-    req.serialize(&mut buf);
-
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&NlAddr::new(0, 0))?;
-    socket.send(&buf, 0)?;
-    let (reply, _) = socket.recv_from_full()?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    match reply.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => {
-            Ok(Some(u16::from(n.header.state)))
-        }
-        NetlinkPayload::Error(e) => {
-            let err = e.to_io();
-            match err.raw_os_error() {
-                Some(libc::ENOENT) => Ok(None),
-                _ => Err(err),
-            }
-        }
-        _ => Err(io::Error::new(
+    match super::rtnl_query::ask(RouteNetlinkMessage::GetNeighbour(msg), &[libc::ENOENT])? {
+        Some(RouteNetlinkMessage::NewNeighbour(n)) => Ok(Some(u16::from(n.header.state))),
+        None => Ok(None),
+        Some(_) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "unexpected answer to RTM_GETNEIGH",
         )),

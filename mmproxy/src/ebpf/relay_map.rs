@@ -34,10 +34,8 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
 use mmproxy_common::{RelayAction, RelayKey, RelayRelease, RELAY_HELD, RELAY_NEXTHOP, RELAY_TO_LO};
-use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 
 use super::udp_relay::{key_addr, HeldPunts, RelayError, RelayFlow, UdpRelay};
 
@@ -340,31 +338,16 @@ fn route_query(
             IpAddr::V6(a) => RouteAddress::Inet6(a),
         }));
     }
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
-    req.header.flags = NLM_F_REQUEST;
-    req.finalize();
-    let mut buf = vec![0; req.buffer_len()];
-    req.serialize(&mut buf);
-
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&NlAddr::new(0, 0))?;
-    socket.send(&buf, 0)?;
-    let (reply, _) = socket.recv_from_full()?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    match reply.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => Ok(Some(r)),
-        NetlinkPayload::Error(e) => {
-            let err = e.to_io();
-            match err.raw_os_error() {
-                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL) => {
-                    Ok(None)
-                }
-                _ => Err(err),
-            }
-        }
-        _ => Err(io::Error::new(
+    let absent = [
+        libc::ENETUNREACH,
+        libc::EHOSTUNREACH,
+        libc::EACCES,
+        libc::EINVAL,
+    ];
+    match super::rtnl_query::ask(RouteNetlinkMessage::GetRoute(msg), &absent)? {
+        Some(RouteNetlinkMessage::NewRoute(r)) => Ok(Some(r)),
+        None => Ok(None),
+        Some(_) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "unexpected answer to RTM_GETROUTE",
         )),
