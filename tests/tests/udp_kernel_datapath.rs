@@ -719,28 +719,35 @@ fn the_first_answer_to_a_proxy_the_host_has_not_resolved_arrives() -> Result<()>
     // The balancer resolves the host, and the host the balancer's first address.
     UdpBalancer::new(&t, LB_V4)?.roundtrip(sa("198.51.100.77:7700"), to, b"resolve")?;
     let before = d.wait_counter("kernel_udp_relayed_out", 1, WAIT)?;
-    t.host
-        .ip(&["neigh", "flush", "to", LB_OTHER_V4, "dev", "eth0"])?;
-    let known = t
-        .host
-        .ip_output(&["neigh", "show", "to", LB_OTHER_V4, "dev", "eth0"])?;
-    ensure!(
-        known.trim().is_empty(),
-        "the host knows {LB_OTHER_V4}: {known}"
-    );
+    forget_neighbour(&t, LB_OTHER_V4)?;
 
     let other = UdpBalancer::new(&t, LB_OTHER_V4)?;
     other
         .roundtrip(sa("198.51.100.78:7800"), to, b"first")
         .with_context(|| d.log_text())?;
+    assert_one_answer_relayed_by_the_kernel(&d, &before)
+}
+
+/// The host forgets its neighbour entry for `addr` on `eth0`, and is checked to.
+fn forget_neighbour(t: &Topology, addr: &str) -> Result<()> {
+    t.host.ip(&["neigh", "flush", "to", addr, "dev", "eth0"])?;
+    let known = t
+        .host
+        .ip_output(&["neigh", "show", "to", addr, "dev", "eth0"])?;
+    ensure!(known.trim().is_empty(), "the host knows {addr}: {known}");
+    Ok(())
+}
+
+/// Since the stats line `before`, one answer went the kernel's way and none user
+/// space's.
+fn assert_one_answer_relayed_by_the_kernel(d: &Daemon, before: &str) -> Result<()> {
     let after = d.stats()?;
-    // The answer went the kernel's way, not user space's.
     assert_eq!(
-        delta(&before, &after, "kernel_udp_relayed_out"),
+        delta(before, &after, "kernel_udp_relayed_out"),
         1,
         "{after}"
     );
-    assert_eq!(delta(&before, &after, "udp_replies"), 0, "{after}");
+    assert_eq!(delta(before, &after, "udp_replies"), 0, "{after}");
     Ok(())
 }
 
@@ -772,23 +779,12 @@ fn after_a_route_change_answers_are_routed_again_and_survive_a_lost_neighbour() 
         counter(&before, "return_path_evaluations") + 1,
         WAIT,
     )?;
-    t.host.ip(&["neigh", "flush", "to", LB_V4, "dev", "eth0"])?;
-    let known = t
-        .host
-        .ip_output(&["neigh", "show", "to", LB_V4, "dev", "eth0"])?;
-    ensure!(known.trim().is_empty(), "the host knows {LB_V4}: {known}");
+    forget_neighbour(&t, LB_V4)?;
 
     b.roundtrip(client, to, b"after the change")
         .with_context(|| d.log_text())?;
-    let after = d.stats()?;
     // Still the kernel's: relayed without its next hop, not handed back.
-    assert_eq!(
-        delta(&before, &after, "kernel_udp_relayed_out"),
-        1,
-        "{after}"
-    );
-    assert_eq!(delta(&before, &after, "udp_replies"), 0, "{after}");
-    Ok(())
+    assert_one_answer_relayed_by_the_kernel(&d, &before)
 }
 
 /// A container's veth is deleted and made again while a flow to its service is
